@@ -1,0 +1,148 @@
+"""``collector`` command line: run, setup, check."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from collector import __version__, logs, settings
+from collector.contract import MEASUREMENTS
+from collector.http import redact_url
+from collector.retry import Failure
+from collector.scheduler import Collector
+from collector.sinks.influxdb import AuthError, make_writer
+from collector.sinks.stdout import StdoutSink
+from collector.sources.gbfs import GbfsSystem
+
+log = logging.getLogger("collector")
+
+EXIT_OK, EXIT_FAILURES, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collector", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument(
+            "--config", type=Path, help=f"TOML settings file (default: ${settings.CONFIG_ENV})"
+        )
+        return sub
+
+    run = command("run", "poll every configured source and write to InfluxDB")
+    run.add_argument("--once", action="store_true", help="one poll of every source, then exit")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print line protocol instead of writing"
+    )
+    command("setup", "create the buckets (v2) or databases (v1) the collector writes to")
+    command("check", "check configuration and connectivity, and print a report")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = settings.load(args.config)
+    except settings.ConfigError as exc:
+        print(f"collector: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(config.log_level)
+    try:
+        return {"run": _run, "setup": _setup, "check": _check}[args.command](config, args)
+    except AuthError as exc:
+        print(f"collector: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except settings.ConfigError as exc:
+        print(f"collector: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _run(config: settings.Settings, args: argparse.Namespace) -> int:
+    sink = StdoutSink() if args.dry_run else make_writer(config.influxdb)
+    collector = Collector(config, sink)
+    if not collector.systems:
+        print("collector: no source configured (add [[gbfs.systems]])", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.once:
+            summaries = collector.run_once()
+            for summary in summaries:
+                logs.event(
+                    log, logging.INFO, "summary", source=summary.source, ok=summary.ok,
+                    outcome=summary.outcome, written=summary.written,
+                )
+            return EXIT_OK if all(s.ok for s in summaries) else EXIT_FAILURES
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        collector.run(stop)
+        if collector.fatal is not None:
+            return EXIT_CONFIG
+        return EXIT_OK
+    finally:
+        for system in collector.systems:
+            system.close()
+        sink.close()
+
+
+def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
+    writer = make_writer(config.influxdb)
+    try:
+        for bucket in sorted({m.bucket for m in MEASUREMENTS}):
+            created = writer.ensure_bucket(bucket)
+            what = "bucket" if writer.api == "v2" else "database"
+            print(f"{what} {bucket}: {'created' if created else 'exists'}")
+    except Failure as failure:
+        print(f"collector: setup failed: {failure}", file=sys.stderr)
+        return EXIT_FAILURES
+    finally:
+        writer.close()
+    return EXIT_OK
+
+
+def _check(config: settings.Settings, args: argparse.Namespace) -> int:
+    ok = True
+    db = config.influxdb
+    print(f"influxdb: {db.api} {redact_url(db.url)}", end=" ... ", flush=True)
+    writer = make_writer(db)
+    try:
+        print(f"ok (version {writer.ping()})")
+    except Failure as failure:
+        ok = False
+        print(f"FAILED: {failure}")
+    finally:
+        writer.close()
+    if not config.gbfs.systems:
+        print("gbfs: no system configured")
+    for system_settings in config.gbfs.systems:
+        system = GbfsSystem(system_settings)
+        print(f"gbfs {system.name}:", end=" ", flush=True)
+        try:
+            poll = system.poll()
+        except Failure as failure:
+            ok = False
+            print(f"FAILED at {failure.stage}: {failure}")
+            continue
+        finally:
+            system.close()
+        age = f", data {time.time() - poll.feed_time:.0f}s old" if poll.feed_time else ""
+        quality = ", ".join(f"{k} {n}" for k, n in sorted(poll.quality.items()))
+        print(
+            f"ok, GBFS {system.version or '1.0 (no version)'}, {poll.stations} stations{age}"
+            + (f"; data-quality faults: {quality}" if quality else "")
+        )
+        for failure in poll.errors:
+            print(f"  warning: {failure}")
+    return EXIT_OK if ok else EXIT_FAILURES
+
+
+if __name__ == "__main__":
+    sys.exit(main())

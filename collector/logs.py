@@ -1,0 +1,43 @@
+"""One log line per event, as ``key=value`` fields: ``event=poll source=oslo stations=262``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n\t'):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [f"{stamp}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}"]
+        parts.append(f"event={_quote(record.getMessage())}")
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_") and value is not None:
+                parts.append(f"{key}={_quote(value)}")
+        if record.exc_info:
+            parts.append(f"traceback={_quote(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+def configure(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # APScheduler logs every job run at INFO; our own poll line says more.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def event(logger: logging.Logger, level: int, name: str, **fields: object) -> None:
+    logger.log(level, name, extra=fields)

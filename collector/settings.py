@@ -1,0 +1,213 @@
+"""The one settings tree: a TOML file, with every key overridable from the environment.
+
+``COLLECTOR_INFLUXDB__URL`` overrides ``[influxdb] url``; lists such as ``gbfs.systems`` take
+JSON (``COLLECTOR_GBFS__SYSTEMS='[{"name": "oslo", "url": "..."}]'``). Unknown keys are errors,
+so a typo fails at start-up instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "COLLECTOR_CONFIG"
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message names every bad key."""
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/") if parts.path in ("", "/") else value
+
+
+def _read_secret(value: SecretStr | None, path: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+    return None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InfluxDBSettings(_Section):
+    url: str = "http://127.0.0.1:8086"
+    api: Literal["v1", "v2"] = "v2"
+    org: str = "city"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    retention_policy: str | None = Field(
+        default=None, description="v1 only: retention policy to write to (default if unset)"
+    )
+    timeout_secs: float = Field(default=10.0, gt=0, le=300)
+    batch_lines: int = Field(default=5000, ge=1, le=5000)
+    gzip_level: int = Field(default=1, ge=0, le=9)
+    max_retries: int = Field(default=5, ge=0, le=100)
+    retry_base_secs: float = Field(default=1.0, gt=0)
+    retry_max_secs: float = Field(default=30.0, gt=0)
+    verify_tls: bool = True
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+
+    @model_validator(mode="after")
+    def _one_source_per_secret(self) -> Self:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+    def resolved_token(self) -> str | None:
+        return _read_secret(self.token, self.token_file)
+
+    def resolved_password(self) -> str | None:
+        return _read_secret(self.password, self.password_file)
+
+
+class GbfsSystemSettings(_Section):
+    name: Name
+    url: str | None = Field(default=None, description="the system's gbfs.json")
+    station_information_url: str | None = None
+    station_status_url: str | None = None
+    vehicle_types_url: str | None = None
+    language: str | None = Field(default=None, description="feed language; first one if unset")
+    headers: dict[str, str] = Field(default_factory=dict)
+    interval_secs: float = Field(default=15.0, ge=1, le=86_400)
+    max_ttl_secs: float = Field(
+        default=300.0,
+        ge=0,
+        description="a feed's ttl is honoured up to this; GBFS data should be under 5 min old",
+    )
+    info_refresh_secs: float = Field(default=3600.0, ge=10, le=86_400)
+    timeout_secs: float = Field(default=10.0, gt=0, le=300)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    verify_tls: bool = True
+
+    _check_urls = field_validator(
+        "url", "station_information_url", "station_status_url", "vehicle_types_url"
+    )(classmethod(lambda cls, v: _http_url(v)))
+
+    @model_validator(mode="after")
+    def _where_to_look(self) -> Self:
+        direct = self.station_information_url is not None or self.station_status_url is not None
+        if self.url is None and not direct:
+            raise ValueError(
+                "give url (gbfs.json), or station_information_url and station_status_url"
+            )
+        if self.url is None and self.station_status_url is None:
+            raise ValueError("station_status_url is required when url is not given")
+        if self.url is not None and direct:
+            raise ValueError("give url or the direct feed URLs, not both")
+        return self
+
+
+class GbfsSettings(_Section):
+    systems: list[GbfsSystemSettings] = Field(default_factory=list)
+
+    @field_validator("systems")
+    @classmethod
+    def _unique_names(cls, systems: list[GbfsSystemSettings]) -> list[GbfsSystemSettings]:
+        seen: set[str] = set()
+        for system in systems:
+            if system.name in seen:
+                raise ValueError(f"system name {system.name!r} is used twice")
+            seen.add(system.name)
+        return systems
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="COLLECTOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    influxdb: InfluxDBSettings = Field(default_factory=InfluxDBSettings)
+    gbfs: GbfsSettings = Field(default_factory=GbfsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def load(path: str | Path | None = None) -> Settings:
+    """Settings from ``path`` (or ``$COLLECTOR_CONFIG``) and the environment.
+
+    Raises ConfigError naming each bad key, so the process stops before any job starts.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return _FromFile()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    except ValueError as exc:  # TOML syntax errors arrive as ValueError subclasses
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,624 @@
+"""Bike-share station availability from GBFS feeds, versions 1.0 to 3.0.
+
+``parse_*`` functions are pure (bytes in, values out) and carry the knowledge of the format and
+its real-world quirks; ``GbfsSystem`` does the I/O and remembers what it saw between polls.
+
+Data-quality faults never stop a poll; each is counted under one of ``QUALITY_KINDS``:
+
+- ``invalid_station``: no usable station_id or bikes count; the station is not stored.
+- ``negative_count``: a negative count; the station is not stored (its numbers cannot be trusted).
+- ``invalid_value``: a wrong-typed optional value (flag, count, position); that field is left out.
+- ``duplicate_station``: a station_id seen twice in one document; the first one is kept.
+- ``unknown_station``: in station_status but not in station_information; stored without position.
+- ``over_capacity``: bikes + docks above capacity; stored as published.
+- ``implausible_last_reported``: a placeholder ``last_reported`` (before 2000); that field is
+  left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from collector.contract import STATION_STATUS
+from collector.http import Fetcher, Validators
+from collector.lineprotocol import Record
+from collector.retry import Backoff, Failure
+from collector.settings import GbfsSystemSettings
+
+log = logging.getLogger(__name__)
+
+QUALITY_KINDS = (
+    "invalid_station",
+    "negative_count",
+    "invalid_value",
+    "duplicate_station",
+    "unknown_station",
+    "over_capacity",
+    "implausible_last_reported",
+)
+
+MIN_PLAUSIBLE_EPOCH = 946_684_800  # 2000-01-01T00:00:00Z
+# Feed clocks run a little ahead of ours; a last_updated further ahead than this is not trusted.
+MAX_CLOCK_SKEW_SECS = 60
+# Station information changes rarely and is the largest document: never fetch it more often.
+MIN_INFO_REFRESH_SECS = 60.0
+EBIKE_PROPULSION = frozenset({"electric_assist", "electric"})
+EBIKE_FORM_FACTORS = frozenset({"bicycle", "cargo_bicycle"})
+
+_MEASUREMENT = STATION_STATUS.name
+
+
+def _schema(what: str, message: str) -> Failure:
+    return Failure("schema", f"{what}: {message}", stage="parse")
+
+
+def load_document(body: bytes, what: str) -> dict[str, Any]:
+    """The top-level object of a GBFS document, with a dict under ``data``."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        start = body[:60].decode("utf-8", "replace").strip()
+        raise Failure(
+            "not_json", f"{what}: not JSON ({exc}); starts {start!r}", stage="parse"
+        ) from None
+    if type(doc) is not dict:
+        raise _schema(what, f"top level is {type(doc).__name__}, not an object")
+    if type(doc.get("data")) is not dict:
+        raise _schema(what, "no 'data' object")
+    return doc
+
+
+def parse_timestamp(value: object) -> int | None:
+    """Epoch seconds from a POSIX number, a millisecond epoch or an RFC3339 string.
+
+    Real feeds send all three, and RFC3339 with a space instead of ``T``. Returns None for
+    anything else, including booleans.
+    """
+    kind = type(value)
+    if kind is int:
+        seconds = value
+    elif kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            return None
+        seconds = int(value)  # type: ignore[arg-type]
+    elif kind is str:
+        text = value.strip()  # type: ignore[attr-defined]
+        if text.isdigit():
+            seconds = int(text)
+        else:
+            try:
+                parsed = datetime.fromisoformat(text)
+            except ValueError:
+                return None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            return int(parsed.timestamp())
+    else:
+        return None
+    if seconds > 100_000_000_000:  # milliseconds: 1e11 s is the year 5138
+        seconds //= 1000
+    return seconds  # type: ignore[return-value]
+
+
+def _text(value: object, language: str | None) -> str | None:
+    """A plain string, or the right entry of a 3.0 localized ``[{text, language}]`` list."""
+    if type(value) is str:
+        return value  # type: ignore[return-value]
+    if type(value) is list and value:
+        chosen = None
+        for entry in value:  # type: ignore[attr-defined]
+            if type(entry) is dict and type(entry.get("text")) is str:
+                if chosen is None or entry.get("language") == language:
+                    chosen = entry["text"]
+                if entry.get("language") == language:
+                    break
+        return chosen
+    return None
+
+
+def _station_id(value: object) -> str | None:
+    # Vélib' sends integer ids; the tag is always the decimal string.
+    kind = type(value)
+    if kind is str:
+        return value or None  # type: ignore[return-value]
+    if kind is int:
+        return str(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class Discovery:
+    version: str | None
+    language: str | None
+    feeds: dict[str, str]
+    ttl: int | None
+
+
+def parse_discovery(body: bytes, language: str | None = None) -> Discovery:
+    """``gbfs.json``: feeds under ``data.{lang}.feeds`` (1.x/2.x) or ``data.feeds`` (3.0)."""
+    doc = load_document(body, "gbfs.json")
+    data = doc["data"]
+    chosen: str | None = None
+    if type(data.get("feeds")) is list:
+        feeds = data["feeds"]
+    else:
+        languages = [
+            key for key, value in data.items()
+            if type(value) is dict and type(value.get("feeds")) is list
+        ]
+        if not languages:
+            raise _schema("gbfs.json", "no feeds under data or data.<language>")
+        chosen = language if language in languages else languages[0]
+        feeds = data[chosen]["feeds"]
+    urls = {
+        feed["name"]: feed["url"]
+        for feed in feeds
+        if type(feed) is dict and type(feed.get("name")) is str and type(feed.get("url")) is str
+    }
+    version = doc.get("version")
+    ttl = doc.get("ttl")
+    return Discovery(
+        version=version if type(version) is str else None,
+        language=chosen,
+        feeds=urls,
+        ttl=ttl if type(ttl) is int and ttl >= 0 else None,
+    )
+
+
+def parse_vehicle_types(body: bytes) -> frozenset[str]:
+    """Ids of the vehicle types that count as e-bikes."""
+    doc = load_document(body, "vehicle_types")
+    types = doc["data"].get("vehicle_types")
+    if type(types) is not list:
+        raise _schema("vehicle_types", "no vehicle_types list")
+    return frozenset(
+        entry["vehicle_type_id"]
+        for entry in types
+        if type(entry) is dict
+        and type(entry.get("vehicle_type_id")) is str
+        and entry.get("propulsion_type") in EBIKE_PROPULSION
+        and entry.get("form_factor", "bicycle") in EBIKE_FORM_FACTORS
+    )
+
+
+# --------------------------------------------------------------------- station information
+
+
+@dataclass(frozen=True, slots=True)
+class Station:
+    tags: tuple[tuple[str, str], ...]
+    name: str | None
+    short_name: str | None
+    lat: float | None
+    lon: float | None
+    capacity: int | None
+
+
+@dataclass
+class Catalog:
+    """Static station facts from station_information, keyed by station_id."""
+
+    stations: dict[str, Station]
+    ttl: int | None = None
+    quality: Counter[str] = field(default_factory=Counter)
+
+
+def _coordinate(value: object, limit: float) -> float | None:
+    kind = type(value)
+    if kind is float or kind is int:
+        number = float(value)  # type: ignore[arg-type]
+    elif kind is str:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if -limit <= number <= limit else None
+
+
+def parse_station_information(body: bytes, system: str, language: str | None = None) -> Catalog:
+    doc = load_document(body, "station_information")
+    raw_stations = doc["data"].get("stations")
+    if type(raw_stations) is not list:
+        raise _schema("station_information", "no stations list")
+    quality: Counter[str] = Counter()
+    stations: dict[str, Station] = {}
+    for raw in raw_stations:
+        if type(raw) is not dict:
+            quality["invalid_station"] += 1
+            continue
+        station_id = _station_id(raw.get("station_id"))
+        if station_id is None:
+            quality["invalid_station"] += 1
+            continue
+        if station_id in stations:
+            quality["duplicate_station"] += 1
+            continue
+        lat = _coordinate(raw.get("lat"), 90.0)
+        lon = _coordinate(raw.get("lon"), 180.0)
+        if lat is None or lon is None:
+            if "lat" in raw or "lon" in raw:
+                quality["invalid_value"] += 1
+            lat = lon = None
+        capacity = raw.get("capacity")
+        if capacity is not None and (type(capacity) is not int or capacity < 0):
+            quality["invalid_value"] += 1
+            capacity = None
+        stations[station_id] = Station(
+            tags=(("station_id", station_id), ("system", system)),
+            name=_text(raw.get("name"), language),
+            short_name=_text(raw.get("short_name"), language),
+            lat=lat,
+            lon=lon,
+            capacity=capacity,
+        )
+    ttl = doc.get("ttl")
+    return Catalog(stations, ttl if type(ttl) is int and ttl >= 0 else None, quality)
+
+
+# -------------------------------------------------------------------------- station status
+
+
+@dataclass
+class Snapshot:
+    """One station_status document as records."""
+
+    records: list[Record]
+    last_updated: int | None  # the feed's own time, when it gave a plausible one
+    ttl: int | None
+    quality: Counter[str]
+
+
+_INVALID = object()
+
+
+def _count(value: object) -> Any:
+    """An int count, None when absent, or _INVALID."""
+    kind = type(value)
+    if kind is int:
+        return value
+    if value is None:
+        return None
+    if kind is float and value.is_integer():  # type: ignore[attr-defined]
+        return int(value)  # type: ignore[arg-type]
+    return _INVALID
+
+
+_FLAGS = {True: True, False: False}  # 1 == True and 0 == False, so 0/1 ints map too
+
+
+def _ebikes(raw: dict[str, Any], ebike_types: frozenset[str] | None) -> Any:
+    direct = raw.get("num_ebikes_available")
+    if direct is not None:
+        return _count(direct)
+    by_type = raw.get("vehicle_types_available")
+    if type(by_type) is list and ebike_types is not None:
+        total = 0
+        for entry in by_type:
+            if type(entry) is not dict:
+                return _INVALID
+            if entry.get("vehicle_type_id") in ebike_types:
+                count = _count(entry.get("count"))
+                if type(count) is not int:
+                    return _INVALID
+                total += count
+        return total
+    # Vélib': [{"mechanical": 3}, {"ebike": 1}] (or the same as one dict).
+    velib = raw.get("num_bikes_available_types")
+    if type(velib) is list:
+        for entry in velib:
+            if type(entry) is dict and "ebike" in entry:
+                return _count(entry["ebike"])
+        return None
+    if type(velib) is dict and "ebike" in velib:
+        return _count(velib["ebike"])
+    return None
+
+
+def plausible_time(value: int | None, now: float) -> int | None:
+    if value is None or value < MIN_PLAUSIBLE_EPOCH or value > now + MAX_CLOCK_SKEW_SECS:
+        return None
+    return value
+
+
+def parse_station_status(
+    body: bytes,
+    system: str,
+    catalog: Catalog | None,
+    fetched_at: float,
+    ebike_types: frozenset[str] | None = None,
+) -> Snapshot:
+    """station_status -> one record per station with valid counts.
+
+    ``catalog`` None means station_information is not known (yet): stations are stored without
+    position and not counted as unknown. ``ebike_types`` None means vehicle_types is not known.
+    """
+    doc = load_document(body, "station_status")
+    raw_stations = doc["data"].get("stations")
+    if type(raw_stations) is not list:
+        raise _schema("station_status", "no stations list")
+    last_updated = plausible_time(parse_timestamp(doc.get("last_updated")), fetched_at)
+    timestamp = last_updated if last_updated is not None else int(fetched_at)
+    ttl = doc.get("ttl")
+
+    known = catalog.stations if catalog is not None else {}
+    quality: Counter[str] = Counter()
+    records: list[Record] = []
+    append = records.append
+    seen: set[str] = set()
+    for raw in raw_stations:
+        if type(raw) is not dict:
+            quality["invalid_station"] += 1
+            continue
+        station_id = raw.get("station_id")
+        if type(station_id) is not str or not station_id:
+            station_id = _station_id(station_id)
+            if station_id is None:
+                quality["invalid_station"] += 1
+                continue
+        if station_id in seen:
+            quality["duplicate_station"] += 1
+            continue
+        seen.add(station_id)
+
+        bikes = raw.get("num_bikes_available")
+        if bikes is None:
+            bikes = raw.get("num_vehicles_available")  # 3.0
+        disabled = raw.get("num_bikes_disabled")
+        if disabled is None:
+            disabled = raw.get("num_vehicles_disabled")  # 3.0
+        docks = raw.get("num_docks_available")
+        docks_disabled = raw.get("num_docks_disabled")
+        if type(bikes) is not int:
+            bikes = _count(bikes)
+            if type(bikes) is not int:
+                quality["invalid_station"] += 1
+                continue
+        if type(docks) is not int:
+            docks = _count(docks)
+        if type(disabled) is not int:
+            disabled = _count(disabled)
+        if type(docks_disabled) is not int:
+            docks_disabled = _count(docks_disabled)
+        ebikes = _ebikes(raw, ebike_types)
+        if docks is _INVALID or disabled is _INVALID or docks_disabled is _INVALID:
+            quality["invalid_station"] += 1
+            continue
+        if ebikes is _INVALID:
+            quality["invalid_value"] += 1
+            ebikes = None
+        if (
+            bikes < 0
+            or (docks is not None and docks < 0)
+            or (disabled is not None and disabled < 0)
+            or (docks_disabled is not None and docks_disabled < 0)
+            or (ebikes is not None and ebikes < 0)
+        ):
+            quality["negative_count"] += 1
+            continue
+
+        installed = _FLAGS.get(raw.get("is_installed"))  # type: ignore[call-overload]
+        renting = _FLAGS.get(raw.get("is_renting"))  # type: ignore[call-overload]
+        returning = _FLAGS.get(raw.get("is_returning"))  # type: ignore[call-overload]
+        if (
+            (installed is None and "is_installed" in raw)
+            or (renting is None and "is_renting" in raw)
+            or (returning is None and "is_returning" in raw)
+        ):
+            quality["invalid_value"] += 1
+
+        reported = raw.get("last_reported")
+        if reported is not None:
+            reported = parse_timestamp(reported)
+            if reported is None or reported < MIN_PLAUSIBLE_EPOCH:
+                quality["implausible_last_reported"] += 1
+                reported = None
+
+        station = known.get(station_id)
+        if station is None:
+            if catalog is not None:
+                quality["unknown_station"] += 1
+            tags = (("station_id", station_id), ("system", system))
+            name = lat = lon = capacity = None
+        else:
+            tags, name, lat, lon, capacity = (
+                station.tags, station.name, station.lat, station.lon, station.capacity
+            )
+            if capacity is not None and bikes + (docks or 0) > capacity:
+                quality["over_capacity"] += 1
+
+        append(
+            Record(
+                _MEASUREMENT,
+                tags,
+                {
+                    "bikes_available": bikes,
+                    "bikes_disabled": disabled,
+                    "capacity": capacity,
+                    "docks_available": docks,
+                    "docks_disabled": docks_disabled,
+                    "ebikes_available": ebikes,
+                    "is_installed": installed,
+                    "is_renting": renting,
+                    "is_returning": returning,
+                    "last_reported": reported,
+                    "lat": lat,
+                    "lon": lon,
+                    "name": name,
+                },
+                timestamp,
+            )
+        )
+    return Snapshot(records, last_updated, ttl if type(ttl) is int and ttl >= 0 else None, quality)
+
+
+# ------------------------------------------------------------------------------------ poller
+
+
+Outcome = Literal["new", "not_modified", "unchanged", "fresh", "backing_off"]
+
+
+@dataclass
+class Poll:
+    outcome: Outcome
+    records: list[Record] = field(default_factory=list)
+    quality: Counter[str] = field(default_factory=Counter)
+    stations: int = 0
+    feed_time: int | None = None
+    errors: list[Failure] = field(default_factory=list)  # failures that did not stop the poll
+
+
+class GbfsSystem:
+    """Polls one bike-share system. Keeps discovery, station facts and validators between polls.
+
+    Not thread-safe: the scheduler runs at most one poll of a system at a time.
+    """
+
+    def __init__(
+        self,
+        settings: GbfsSystemSettings,
+        *,
+        fetcher: Fetcher | None = None,
+        clock: Callable[[], float] = time.time,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self._fetcher = fetcher or Fetcher(
+            headers=settings.headers,
+            timeout_secs=settings.timeout_secs,
+            max_body_bytes=settings.max_body_bytes,
+            verify_tls=settings.verify_tls,
+        )
+        self._clock = clock
+        self._backoff = backoff or Backoff(base_secs=settings.interval_secs, max_secs=300.0)
+        self._feeds: dict[str, str] | None = None
+        self.version: str | None = None
+        self._catalog: Catalog | None = None
+        self._catalog_at = float("-inf")
+        self._ebike_types: frozenset[str] | None = None
+        self._validators: dict[str, Validators] = {}
+        self._status_at = float("-inf")
+        self._status_ttl = 0.0
+        self._last_updated: int | None = None
+        self._failures = 0
+        self._not_before = float("-inf")
+
+    def close(self) -> None:
+        self._fetcher.close()
+
+    def poll(self) -> Poll:
+        """One poll. Raises Failure when no status could be had; the next poll retries."""
+        now = self._clock()
+        if now < self._not_before:
+            return Poll("backing_off")
+        try:
+            poll = self._poll(now)
+        except Failure as failure:
+            if failure.transient:
+                self._failures += 1
+                self._not_before = now + self._backoff.delay(
+                    self._failures - 1, failure.retry_after_secs
+                )
+            elif failure.status == 404 and self.settings.url is not None:
+                self._feeds = None  # feed URLs move: look them up again next time
+            raise
+        self._failures = 0
+        return poll
+
+    def _poll(self, now: float) -> Poll:
+        errors: list[Failure] = []
+        feeds = self._discover()
+        if now - self._catalog_at >= self._info_refresh_secs():
+            errors.extend(self._refresh_catalog(feeds, now))
+        if now - self._status_at < self._status_ttl:
+            return Poll("fresh", errors=errors)
+
+        url = feeds["station_status"]
+        response = self._fetcher.get(url, self._validators.get(url))
+        self._status_at = now
+        if response.body is None:
+            return Poll("not_modified", errors=errors)
+        snapshot = parse_station_status(
+            response.body, self.name, self._catalog, now, self._ebike_types
+        )
+        self._validators[url] = response.validators
+        self._status_ttl = min(float(snapshot.ttl or 0), self.settings.max_ttl_secs)
+        if snapshot.quality["unknown_station"] and now - self._catalog_at >= MIN_INFO_REFRESH_SECS:
+            self._catalog_at = float("-inf")  # new stations appeared: fetch their facts next poll
+        quality = snapshot.quality
+        if self._catalog is not None and self._catalog.quality:
+            quality = quality + self._catalog.quality
+        if snapshot.last_updated is not None and snapshot.last_updated == self._last_updated:
+            return Poll(
+                "unchanged", quality=quality, feed_time=snapshot.last_updated, errors=errors
+            )
+        self._last_updated = snapshot.last_updated
+        return Poll(
+            "new",
+            records=snapshot.records,
+            quality=quality,
+            stations=len(snapshot.records),
+            feed_time=snapshot.last_updated,
+            errors=errors,
+        )
+
+    def _info_refresh_secs(self) -> float:
+        ttl = self._catalog.ttl if self._catalog is not None and self._catalog.ttl else 0
+        return min(self.settings.info_refresh_secs, max(float(ttl), MIN_INFO_REFRESH_SECS))
+
+    def _discover(self) -> dict[str, str]:
+        if self._feeds is not None:
+            return self._feeds
+        settings = self.settings
+        if settings.url is None:
+            feeds = {"station_status": settings.station_status_url}
+            if settings.station_information_url:
+                feeds["station_information"] = settings.station_information_url
+            if settings.vehicle_types_url:
+                feeds["vehicle_types"] = settings.vehicle_types_url
+        else:
+            response = self._fetcher.get(settings.url)
+            assert response.body is not None  # no validators sent, so never a 304
+            discovery = parse_discovery(response.body, settings.language)
+            self.version = discovery.version
+            feeds = discovery.feeds
+            if "station_status" not in feeds:
+                raise _schema("gbfs.json", "lists no station_status feed (not a docked system?)")
+        self._feeds = {name: url for name, url in feeds.items() if url}
+        return self._feeds
+
+    def _refresh_catalog(self, feeds: dict[str, str], now: float) -> list[Failure]:
+        """Fetch station_information (and vehicle_types); a failure keeps the old facts."""
+        errors: list[Failure] = []
+        for feed in ("station_information", "vehicle_types"):
+            url = feeds.get(feed)
+            if url is None:
+                continue
+            try:
+                response = self._fetcher.get(url, self._validators.get(url))
+                if response.body is not None:
+                    if feed == "station_information":
+                        self._catalog = parse_station_information(
+                            response.body, self.name, self.settings.language
+                        )
+                    else:
+                        self._ebike_types = parse_vehicle_types(response.body)
+                    self._validators[url] = response.validators
+            except Failure as failure:
+                errors.append(failure)
+        self._catalog_at = now
+        return errors
