@@ -76,8 +76,13 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
             summaries = collector.run_once()
             for summary in summaries:
                 logs.event(
-                    log, logging.INFO, "summary", source=summary.source, ok=summary.ok,
-                    outcome=summary.outcome, written=summary.written,
+                    log,
+                    logging.INFO,
+                    "summary",
+                    source=summary.source,
+                    ok=summary.ok,
+                    outcome=summary.outcome,
+                    written=summary.written,
                 )
             return EXIT_OK if all(s.ok for s in summaries) else EXIT_FAILURES
         stop = threading.Event()

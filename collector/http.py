@@ -123,9 +123,7 @@ class Fetcher:
 def _reason(exc: Exception) -> str:
     # requests nests the useful part (refused, DNS, TLS) several exceptions deep.
     inner: BaseException | None = exc
-    while inner is not None and inner.__context__ is not None and not isinstance(
-        inner, OSError
-    ):
+    while inner is not None and inner.__context__ is not None and not isinstance(inner, OSError):
         inner = inner.__context__
     text = str(inner or exc)
     return text.split(": ", 1)[-1][:200]

@@ -17,9 +17,7 @@ from typing import NamedTuple
 
 FieldValue = int | float | bool | str
 
-_ESCAPE_MEASUREMENT = str.maketrans(
-    {",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"}
-)
+_ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"})
 _ESCAPE_KEY = str.maketrans(
     {",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"}
 )

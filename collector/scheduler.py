@@ -60,9 +60,11 @@ class Collector:
         self.settings = settings
         self.sink = sink
         self.counters = counters or Counters()
-        self.systems = systems if systems is not None else [
-            GbfsSystem(system) for system in settings.gbfs.systems
-        ]
+        self.systems = (
+            systems
+            if systems is not None
+            else [GbfsSystem(system) for system in settings.gbfs.systems]
+        )
         # One encoder per system: its caches are then touched by one thread at a time.
         self._encoders = {system.name: Encoder() for system in self.systems}
         self.fatal: BaseException | None = None
@@ -77,15 +79,25 @@ class Collector:
         except Failure as failure:
             counters.add(name, failure.stage, failure.kind)
             event(
-                log, logging.WARNING, "poll_failed", source=name, stage=failure.stage,
-                error=failure.kind, message=str(failure),
+                log,
+                logging.WARNING,
+                "poll_failed",
+                source=name,
+                stage=failure.stage,
+                error=failure.kind,
+                message=str(failure),
             )
             return PollSummary(name, False, "failed")
         for failure in poll.errors:
             counters.add(name, failure.stage, failure.kind)
             event(
-                log, logging.WARNING, "feed_failed", source=name, stage=failure.stage,
-                error=failure.kind, message=str(failure),
+                log,
+                logging.WARNING,
+                "feed_failed",
+                source=name,
+                stage=failure.stage,
+                error=failure.kind,
+                message=str(failure),
             )
         if poll.outcome == "backing_off":
             return PollSummary(name, True, poll.outcome)
@@ -104,9 +116,16 @@ class Collector:
         for failure in report.errors:
             counters.add(name, "write", failure.kind)
         event(
-            log, logging.INFO, "poll", source=name, outcome=poll.outcome,
-            stations=poll.stations, written=report.written, rejected=report.rejected,
-            failed=report.failed, feed_time=poll.feed_time,
+            log,
+            logging.INFO,
+            "poll",
+            source=name,
+            outcome=poll.outcome,
+            stations=poll.stations,
+            written=report.written,
+            rejected=report.rejected,
+            failed=report.failed,
+            feed_time=poll.feed_time,
             quality=",".join(f"{k}:{n}" for k, n in sorted(poll.quality.items())) or None,
         )
         ok = not (report.rejected or report.failed)

@@ -15,7 +15,9 @@ from tests.support import DATA
 SPEC = DATA / "gbfs"
 
 
-def _lines(folder: Path, system: str, fetched_at: float, language: str | None = None) -> tuple[str, gbfs.Snapshot, gbfs.Catalog]:
+def _lines(
+    folder: Path, system: str, fetched_at: float, language: str | None = None
+) -> tuple[str, gbfs.Snapshot, gbfs.Catalog]:
     catalog = gbfs.parse_station_information(
         (folder / "station_information.json").read_bytes(), system, language
     )
@@ -33,20 +35,38 @@ def _lines(folder: Path, system: str, fetched_at: float, language: str | None = 
     ("version", "system", "fetched_at", "language", "quality", "info_quality"),
     [
         (
-            "v1.0", "nyc", 1_700_000_100, None,
-            {"negative_count": 1, "duplicate_station": 1, "unknown_station": 1,
-             "implausible_last_reported": 1, "invalid_station": 2},
+            "v1.0",
+            "nyc",
+            1_700_000_100,
+            None,
+            {
+                "negative_count": 1,
+                "duplicate_station": 1,
+                "unknown_station": 1,
+                "implausible_last_reported": 1,
+                "invalid_station": 2,
+            },
             {"duplicate_station": 1},
         ),
         ("v1.1", "paris", 1_700_000_130, None, {"over_capacity": 1}, {}),
-        ("v2.3", "oslo", 1_700_000_310, None,
-         {"over_capacity": 1, "invalid_value": 1, "unknown_station": 1}, {}),
+        (
+            "v2.3",
+            "oslo",
+            1_700_000_310,
+            None,
+            {"over_capacity": 1, "invalid_value": 1, "unknown_station": 1},
+            {},
+        ),
         ("v3.0", "oslo3", 1_700_000_210, "en", {}, {}),
     ],
 )
 def test_spec_fixture_gives_exact_line_protocol(
-    version: str, system: str, fetched_at: float, language: str | None,
-    quality: dict[str, int], info_quality: dict[str, int],
+    version: str,
+    system: str,
+    fetched_at: float,
+    language: str | None,
+    quality: dict[str, int],
+    info_quality: dict[str, int],
 ) -> None:
     text, snapshot, catalog = _lines(SPEC / version, system, fetched_at, language)
     assert text == (SPEC / version / "expected.lp").read_text()
@@ -69,7 +89,10 @@ def test_discovery_v1_v2_language_key_and_v3_flat() -> None:
     v30 = gbfs.parse_discovery((SPEC / "v3.0" / "gbfs.json").read_bytes())
     assert (v30.language, v30.version) == (None, "3.0")
     assert set(v30.feeds) == {
-        "system_information", "vehicle_types", "station_information", "station_status"
+        "system_information",
+        "vehicle_types",
+        "station_information",
+        "station_status",
     }
 
 
@@ -103,8 +126,9 @@ def test_parse_timestamp(value: object, expected: int | None) -> None:
 
 
 def _status(stations: list[object], **top: object) -> bytes:
-    return json.dumps({"last_updated": 1_700_000_000, "ttl": 0, **top,
-                       "data": {"stations": stations}}).encode()
+    return json.dumps(
+        {"last_updated": 1_700_000_000, "ttl": 0, **top, "data": {"stations": stations}}
+    ).encode()
 
 
 @pytest.mark.parametrize(
@@ -117,15 +141,22 @@ def _status(stations: list[object], **top: object) -> bytes:
         ("garbage", 1_700_000_500),
     ],
 )
-def test_point_time_is_feed_time_only_when_plausible(last_updated: object, expected_time: int) -> None:
+def test_point_time_is_feed_time_only_when_plausible(
+    last_updated: object, expected_time: int
+) -> None:
     body = _status([{"station_id": "a", "num_bikes_available": 1}], last_updated=last_updated)
     snapshot = gbfs.parse_station_status(body, "x", None, 1_700_000_500.7)
     assert [r.time for r in snapshot.records] == [expected_time]
 
 
 def test_no_last_updated_uses_fetch_time_and_reports_none() -> None:
-    body = json.dumps({"lastUpdatedOther": 1, "ttl": 3600, "data": {"stations": [
-        {"station_id": 5, "num_bikes_available": 2}]}}).encode()
+    body = json.dumps(
+        {
+            "lastUpdatedOther": 1,
+            "ttl": 3600,
+            "data": {"stations": [{"station_id": 5, "num_bikes_available": 2}]},
+        }
+    ).encode()
     snapshot = gbfs.parse_station_status(body, "x", None, 1_700_000_500.2)
     assert snapshot.last_updated is None
     assert snapshot.ttl == 3600
@@ -143,11 +174,13 @@ def test_unknown_catalog_does_not_count_unknown_stations() -> None:
 
 
 def test_integral_float_counts_are_accepted_and_fractional_rejected() -> None:
-    body = _status([
-        {"station_id": "a", "num_bikes_available": 3.0, "num_docks_available": 2},
-        {"station_id": "b", "num_bikes_available": 3.5, "num_docks_available": 2},
-        {"station_id": "c", "num_bikes_available": 1, "num_docks_available": "2"},
-    ])
+    body = _status(
+        [
+            {"station_id": "a", "num_bikes_available": 3.0, "num_docks_available": 2},
+            {"station_id": "b", "num_bikes_available": 3.5, "num_docks_available": 2},
+            {"station_id": "c", "num_bikes_available": 1, "num_docks_available": "2"},
+        ]
+    )
     snapshot = gbfs.parse_station_status(body, "x", None, 1_700_000_000)
     assert [(r.tags[0][1], r.fields["bikes_available"]) for r in snapshot.records] == [("a", 3)]
     assert type(snapshot.records[0].fields["bikes_available"]) is int
@@ -185,14 +218,19 @@ def test_discovery_without_feeds_is_a_schema_failure() -> None:
 # ------------------------------------------------------------------------ real public feeds
 
 
-def _real(shared: Path, folder: str, system: str, fetched_at: float) -> tuple[gbfs.Snapshot, gbfs.Catalog, dict]:
+def _real(
+    shared: Path, folder: str, system: str, fetched_at: float
+) -> tuple[gbfs.Snapshot, gbfs.Catalog, dict]:
     base = shared / "gbfs" / folder
     catalog = gbfs.parse_station_information(
         (base / "station_information.json").read_bytes(), system
     )
     types = base / "vehicle_types.json"
     snapshot = gbfs.parse_station_status(
-        (base / "station_status.json").read_bytes(), system, catalog, fetched_at,
+        (base / "station_status.json").read_bytes(),
+        system,
+        catalog,
+        fetched_at,
         gbfs.parse_vehicle_types(types.read_bytes()) if types.exists() else None,
     )
     by_id = {dict(r.tags)["station_id"]: r for r in snapshot.records}
@@ -200,17 +238,28 @@ def _real(shared: Path, folder: str, system: str, fetched_at: float) -> tuple[gb
 
 
 def test_real_citibike_2019_v1_0(shared_fixtures: Path) -> None:
-    snapshot, catalog, by_id = _real(shared_fixtures, "citibike-2019-v1.0", "citibike", 1_562_342_100)
+    snapshot, catalog, by_id = _real(
+        shared_fixtures, "citibike-2019-v1.0", "citibike", 1_562_342_100
+    )
     assert len(catalog.stations) == 845
     assert len(snapshot.records) == 845
     assert snapshot.last_updated == 1_562_342_057
     # Decommissioned stations report last_reported = 18001 (1970): left out, counted.
     assert dict(snapshot.quality) == {"implausible_last_reported": 15}
     assert by_id["168"].fields == {
-        "bikes_available": 11, "bikes_disabled": 0, "capacity": 47, "docks_available": 36,
-        "docks_disabled": 0, "ebikes_available": 0, "is_installed": True, "is_renting": True,
-        "is_returning": False, "last_reported": 1_562_341_725, "lat": 40.73971301,
-        "lon": -73.99456405, "name": "W 18 St & 6 Ave",
+        "bikes_available": 11,
+        "bikes_disabled": 0,
+        "capacity": 47,
+        "docks_available": 36,
+        "docks_disabled": 0,
+        "ebikes_available": 0,
+        "is_installed": True,
+        "is_renting": True,
+        "is_returning": False,
+        "last_reported": 1_562_341_725,
+        "lat": 40.73971301,
+        "lon": -73.99456405,
+        "name": "W 18 St & 6 Ave",
     }
     assert by_id["168"].time == 1_562_342_057
     placeholders = [r for r in snapshot.records if r.fields["last_reported"] is None]
@@ -225,14 +274,24 @@ def test_real_velib_2024(shared_fixtures: Path) -> None:
     assert all(r.time == 1_732_004_600 for r in snapshot.records)
     assert dict(snapshot.quality) == {"over_capacity": 13}
     first = by_id["213688169"].fields  # integer id in the feed
-    assert (first["bikes_available"], first["ebikes_available"], first["docks_available"]) == (1, 0, 34)
+    assert (first["bikes_available"], first["ebikes_available"], first["docks_available"]) == (
+        1,
+        0,
+        34,
+    )
     assert first["name"] == "Benjamin Godard - Victor Hugo"
     second = by_id["17278902806"].fields
-    assert (second["bikes_available"], second["ebikes_available"], second["docks_available"]) == (5, 4, 15)
+    assert (second["bikes_available"], second["ebikes_available"], second["docks_available"]) == (
+        5,
+        4,
+        15,
+    )
 
 
 def test_real_oslo_2022_int_booleans(shared_fixtures: Path) -> None:
-    snapshot, catalog, by_id = _real(shared_fixtures, "oslo-2022-v2.2-intbool", "oslo", 1_666_551_810)
+    snapshot, catalog, by_id = _real(
+        shared_fixtures, "oslo-2022-v2.2-intbool", "oslo", 1_666_551_810
+    )
     assert len(snapshot.records) == len(catalog.stations) == 260
     assert not snapshot.quality
     station = by_id["2351"].fields

@@ -135,8 +135,14 @@ class InfluxWriter:
                         return self._give_up(bucket, lines, failure, attempt)
                     wait = self._backoff.delay(attempt, failure.retry_after_secs)
                     event(
-                        log, logging.WARNING, "write_retry", bucket=bucket, lines=len(lines),
-                        attempt=attempt + 1, wait_secs=round(wait, 2), error=failure.kind,
+                        log,
+                        logging.WARNING,
+                        "write_retry",
+                        bucket=bucket,
+                        lines=len(lines),
+                        attempt=attempt + 1,
+                        wait_secs=round(wait, 2),
+                        error=failure.kind,
                         status=failure.status,
                     )
                     attempt += 1
@@ -144,7 +150,11 @@ class InfluxWriter:
                     continue
                 return self._give_up(bucket, lines, failure, attempt)
             event(
-                log, logging.DEBUG, "write", bucket=bucket, lines=len(lines),
+                log,
+                logging.DEBUG,
+                "write",
+                bucket=bucket,
+                lines=len(lines),
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
             )
             return WriteReport(written=len(lines))
@@ -154,9 +164,15 @@ class InfluxWriter:
     ) -> WriteReport:
         transient = failure.transient
         event(
-            log, logging.ERROR, "write_failed" if transient else "write_rejected",
-            bucket=bucket, lines=len(lines), attempts=attempts + 1, error=failure.kind,
-            status=failure.status, message=str(failure),
+            log,
+            logging.ERROR,
+            "write_failed" if transient else "write_rejected",
+            bucket=bucket,
+            lines=len(lines),
+            attempts=attempts + 1,
+            error=failure.kind,
+            status=failure.status,
+            message=str(failure),
         )
         if transient:
             return WriteReport(failed=len(lines), errors=[failure])
@@ -185,13 +201,9 @@ class InfluxV1Writer(InfluxWriter):
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.settings.url + path
         try:
-            return self._session.request(
-                method, url, timeout=self.settings.timeout_secs, **kwargs
-            )
+            return self._session.request(method, url, timeout=self.settings.timeout_secs, **kwargs)
         except requests.Timeout as exc:
-            raise Failure(
-                "timeout", f"{redact_url(url)} timed out", stage="write"
-            ) from exc
+            raise Failure("timeout", f"{redact_url(url)} timed out", stage="write") from exc
         except requests.RequestException as exc:
             raise Failure(
                 "connection", f"{redact_url(url)}: {type(exc).__name__}", stage="write"
@@ -288,9 +300,7 @@ class InfluxV2Writer(InfluxWriter):
         except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
             raise Failure("timeout", f"{what}: timed out", stage="write") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise Failure(
-                "connection", f"{what}: {type(exc).__name__}", stage="write"
-            ) from exc
+            raise Failure("connection", f"{what}: {type(exc).__name__}", stage="write") from exc
 
     def _send(self, bucket: str, body: bytes, gzipped: bool, precision: Precision) -> None:
         self._call(

@@ -155,7 +155,8 @@ def parse_discovery(body: bytes, language: str | None = None) -> Discovery:
         feeds = data["feeds"]
     else:
         languages = [
-            key for key, value in data.items()
+            key
+            for key, value in data.items()
             if type(value) is dict and type(value.get("feeds")) is list
         ]
         if not languages:
@@ -435,7 +436,11 @@ def parse_station_status(
             name = lat = lon = capacity = None
         else:
             tags, name, lat, lon, capacity = (
-                station.tags, station.name, station.lat, station.lon, station.capacity
+                station.tags,
+                station.name,
+                station.lat,
+                station.lon,
+                station.capacity,
             )
             if capacity is not None and bikes + (docks or 0) > capacity:
                 quality["over_capacity"] += 1
