@@ -40,4 +40,9 @@ def configure(level: str = "INFO") -> None:
 
 
 def event(logger: logging.Logger, level: int, name: str, **fields: object) -> None:
-    logger.log(level, name, extra=fields)
+    # A field named like a LogRecord attribute would make logging raise, in an error path.
+    safe = {
+        (f"{k}_" if k in _RESERVED or k in ("message", "asctime") else k): v
+        for k, v in fields.items()
+    }
+    logger.log(level, name, extra=safe)

@@ -85,7 +85,7 @@ class Collector:
                 source=name,
                 stage=failure.stage,
                 error=failure.kind,
-                message=str(failure),
+                detail=str(failure),
             )
             return PollSummary(name, False, "failed")
         for failure in poll.errors:
@@ -97,7 +97,7 @@ class Collector:
                 source=name,
                 stage=failure.stage,
                 error=failure.kind,
-                message=str(failure),
+                detail=str(failure),
             )
         if poll.outcome == "backing_off":
             return PollSummary(name, True, poll.outcome)
@@ -135,7 +135,7 @@ class Collector:
         try:
             self.poll(system)
         except AuthError as exc:
-            event(log, logging.CRITICAL, "auth_refused", source=system.name, message=str(exc))
+            event(log, logging.CRITICAL, "auth_refused", source=system.name, detail=str(exc))
             self.fatal = exc
             self.stopped.set()
         except Exception:  # a bug in one poll must not end the job's schedule

@@ -73,7 +73,7 @@ def test_cache_bound_keeps_output_correct() -> None:
     encoder = Encoder(max_cached=2)
     records = [Record("m", (("id", str(i)),), {f"f{i % 3}": f"s{i}"}, i) for i in range(20)]
     assert [encoder.line(r) for r in records] == [_point(r) for r in records]
-    assert len(encoder._series) <= 2  # noqa: SLF001 - the bound is the behaviour under test
+    assert len(encoder._series) <= 2
 
 
 def test_unwritable_type_is_an_error_naming_it() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import requests
 import urllib3
 from influxdb_client import InfluxDBClient
+from influxdb_client.client.exceptions import InfluxDBError
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
@@ -172,7 +173,7 @@ class InfluxWriter:
             attempts=attempts + 1,
             error=failure.kind,
             status=failure.status,
-            message=str(failure),
+            detail=str(failure),
         )
         if transient:
             return WriteReport(failed=len(lines), errors=[failure])
@@ -297,6 +298,11 @@ class InfluxV2Writer(InfluxWriter):
                 status=status,
                 retry_after_secs=parse_retry_after(headers.get("Retry-After"), time.time()),
             ) from None
+        except InfluxDBError as exc:  # raised by the client itself, e.g. org not found
+            raise Failure("rejected", f"{what}: {exc}", stage="write") from None
+        except urllib3.exceptions.NewConnectionError as exc:
+            # Checked first: urllib3 makes it a subclass of ConnectTimeoutError.
+            raise Failure("connection", f"{what}: connection failed", stage="write") from exc
         except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
             raise Failure("timeout", f"{what}: timed out", stage="write") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
