@@ -84,6 +84,13 @@ class InfluxDBSettings(_Section):
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
 
+    @field_validator("token_file", "password_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
     @model_validator(mode="after")
     def _one_source_per_secret(self) -> Self:
         if self.token is not None and self.token_file is not None:
