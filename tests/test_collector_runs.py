@@ -1,0 +1,221 @@
+"""The collector as a whole: bad feeds beside good ones, isolation, shutdown, refused credentials."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from collector import settings as settings_module
+from collector.contract import Precision
+from collector.scheduler import Collector
+from collector.sinks.influxdb import InfluxV1Writer, WriteReport
+from tests.fake_influxdb2 import FakeInfluxDB2
+from tests.support import DATA, FeedServer, InfluxD, Reply, wait_for
+
+SPEC = DATA / "gbfs" / "v2.3"
+
+
+def _serve_spec(feeds: FeedServer, prefix: str = "/v2.3") -> str:
+    for file in SPEC.glob("*.json"):
+        body = file.read_bytes().replace(b"{BASE}/v2.3", f"{feeds.url}{prefix}".encode())
+        feeds.routes[f"{prefix}/{file.name}"] = Reply(200, body)
+    return f"{feeds.url}{prefix}/gbfs.json"
+
+
+def _settings(toml: str, tmp_path: Path) -> settings_module.Settings:
+    path = tmp_path / "collector.toml"
+    path.write_text(toml)
+    return settings_module.load(path)
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def write(self, bucket: str, lines: Sequence[str], precision: Precision) -> WriteReport:
+        with self._lock:
+            self.lines.extend((bucket, line) for line in lines)
+        return WriteReport(written=len(lines))
+
+    def systems(self) -> list[str]:
+        with self._lock:
+            return [line.split("system=")[1].split(" ")[0] for _, line in self.lines]
+
+    def stop_retrying(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+BAD_FEEDS = {
+    # name: (reply for its station_status, stage, kind)
+    "html": (Reply(200, b"<!doctype html><h1>Maintenance</h1>"), "parse", "not_json"),
+    "truncated": (
+        Reply(200, b'{"last_updated": 1, "data": {"stations": [{"station_'),
+        "parse",
+        "not_json",
+    ),
+    "wrongtypes": (
+        Reply(200, b'{"last_updated": 1, "data": {"stations": "none today"}}'),
+        "parse",
+        "schema",
+    ),
+    "notfound": (Reply(404, b"gone"), "fetch", "http_4xx"),
+    "broken": (Reply(500, b"Internal Server Error"), "fetch", "http_5xx"),
+    "slow": (Reply(200, b"{}", delay_secs=2.0), "fetch", "timeout"),
+    "huge": (Reply(200, b"[" + b"1," * 200_000 + b"1]"), "fetch", "too_large"),
+}
+
+
+@pytest.mark.influxdb
+def test_bad_feeds_are_counted_and_good_data_still_arrives(
+    tmp_path: Path, influxd: InfluxD, feeds: FeedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    good_url = _serve_spec(feeds)
+    systems = [f'[[gbfs.systems]]\nname = "good"\nurl = "{good_url}"\n']
+    for name, (reply, _stage, _kind) in BAD_FEEDS.items():
+        feeds.routes[f"/{name}/status.json"] = reply
+        systems.append(
+            f'[[gbfs.systems]]\nname = "{name}"\nstation_status_url = "{feeds.url}/{name}/status.json"\n'
+            "timeout_secs = 0.5\nmax_body_bytes = 100000\n"
+        )
+    config = _settings(
+        f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\n' + "\n".join(systems), tmp_path
+    )
+    writer = InfluxV1Writer(config.influxdb)
+    writer.ensure_bucket("bikes")
+    influxd.query("DELETE FROM station_status", "bikes")
+    collector = Collector(config, writer)
+    with caplog.at_level(logging.INFO):
+        summaries = {s.source: s for s in collector.run_once()}
+
+    assert summaries["good"].ok and summaries["good"].written == 4
+    rows = influxd.query("SELECT bikes_available, station_id FROM station_status", "bikes")
+    assert sorted((r["station_id"], r["bikes_available"]) for r in rows) == [
+        ("2350", 20),
+        ("2351", 10),
+        ("new-9", 1),
+        ("v1", 2),
+    ]
+    for name, (_reply, stage, kind) in BAD_FEEDS.items():
+        assert not summaries[name].ok, name
+        assert collector.counters.get(name, stage, kind) == 1, name
+        failed = [r for r in caplog.records if r.getMessage() == "poll_failed" and r.source == name]  # type: ignore[attr-defined]
+        assert len(failed) == 1, name
+        assert (failed[0].stage, failed[0].error) == (stage, kind)  # type: ignore[attr-defined]
+    assert collector.counters.get("good", "fetch", "ok") == 1
+    assert collector.counters.get("good", "quality", "unknown_station") == 1
+
+
+def test_a_slow_system_does_not_delay_the_others(tmp_path: Path, feeds: FeedServer) -> None:
+    fast_url = _serve_spec(feeds, "/fast")
+    gate = threading.Event()
+    feeds.routes["/slow/status.json"] = Reply(200, b"{}", gate=gate)
+    config = _settings(
+        f"""
+[[gbfs.systems]]
+name = "slow"
+station_status_url = "{feeds.url}/slow/status.json"
+interval_secs = 1
+timeout_secs = 60
+
+[[gbfs.systems]]
+name = "oslo"
+url = "{fast_url}"
+interval_secs = 1
+""",
+        tmp_path,
+    )
+    sink = ListSink()
+    collector = Collector(config, sink)
+    # New data each poll, so each poll writes.
+    counter = iter(range(1_700_000_300, 1_800_000_000, 10))
+    status = (SPEC / "station_status.json").read_text()
+    feeds.routes["/fast/station_status.json"] = lambda _r: Reply(
+        200, status.replace("1700000300", str(next(counter))).encode()
+    )
+    stop = threading.Event()
+    runner = threading.Thread(target=collector.run, args=(stop,))
+    runner.start()
+    try:
+        # Three polls of the fast system while the slow one has not answered once.
+        wait_for(lambda: sink.systems().count("oslo") >= 12, timeout=20, what="3 fast polls")
+        assert not gate.is_set() and "slow" not in sink.systems()
+    finally:
+        gate.set()
+        stop.set()
+        runner.join(timeout=15)
+    assert not runner.is_alive()
+
+
+@pytest.mark.influxdb
+def test_sigterm_stops_cleanly_after_writing(
+    tmp_path: Path, influxd: InfluxD, feeds: FeedServer
+) -> None:
+    url = _serve_spec(feeds)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\n\n'
+        f'[[gbfs.systems]]\nname = "sigterm"\nurl = "{url}"\ninterval_secs = 1\n'
+    )
+    subprocess.run(
+        [sys.executable, "-m", "collector.cli", "setup", "--config", str(config)],
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", "run", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: influxd.query(
+                "SELECT count(bikes_available) FROM station_status WHERE \"system\"='sigterm'",
+                "bikes",
+            ),
+            timeout=20,
+            what="first write",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "event=stopping" in stderr and "event=stopped" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_refused_credentials_stop_the_collector_with_exit_2(
+    tmp_path: Path, feeds: FeedServer
+) -> None:
+    url = _serve_spec(feeds)
+    influx2 = FakeInfluxDB2(token="right").start()
+    influx2.buckets["bikes"] = {"id": "1", "name": "bikes"}
+    try:
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f'[influxdb]\nurl = "{influx2.url}"\napi = "v2"\ntoken = "wrong-secret-token"\n\n'
+            f'[[gbfs.systems]]\nname = "oslo"\nurl = "{url}"\n'
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "collector.cli", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        influx2.stop()
+    assert proc.returncode == 2
+    assert "refused the credentials (HTTP 401)" in proc.stderr
+    assert "wrong-secret-token" not in proc.stderr + proc.stdout

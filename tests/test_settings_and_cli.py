@@ -1,0 +1,137 @@
+"""Settings load from TOML and env, and fail at start-up naming the bad key; `collector check`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collector import cli
+from collector.settings import ConfigError, load
+from tests.support import DATA, ROOT, FeedServer, InfluxD, Reply, free_port
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_with_presets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("from-a-file\n")
+    monkeypatch.setenv("COLLECTOR_INFLUXDB__TOKEN_FILE", str(token))
+    settings = load(ROOT / "examples" / "collector.toml")
+    assert [s.name for s in settings.gbfs.systems] == ["oslo", "citibike", "velib"]
+    assert settings.gbfs.systems[0].headers == {"Client-Identifier": "example-livestack"}
+    assert settings.influxdb.resolved_token() == "from-a-file"
+
+
+def test_env_overrides_single_keys_and_lists(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _write(tmp_path, '[influxdb]\napi = "v1"\norg = "keep"\n')
+    monkeypatch.setenv("COLLECTOR_CONFIG", str(path))
+    monkeypatch.setenv("COLLECTOR_INFLUXDB__URL", "http://db.internal:8086/")
+    monkeypatch.setenv(
+        "COLLECTOR_GBFS__SYSTEMS", json.dumps([{"name": "x", "url": "https://e.org/gbfs.json"}])
+    )
+    settings = load()
+    assert settings.influxdb.url == "http://db.internal:8086"  # trailing slash dropped
+    assert (settings.influxdb.api, settings.influxdb.org) == ("v1", "keep")
+    assert settings.gbfs.systems[0].name == "x"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[influxdb]\ntokn = "x"\n', "influxdb.tokn: unknown key"),
+        ('[influxdb]\napi = "v3"\n', "influxdb.api:"),
+        (
+            '[influxdb]\nurl = "localhost:8086"\n',
+            "influxdb.url: must be an http:// or https:// URL",
+        ),
+        ("[influxdb]\nbatch_lines = 10000\n", "influxdb.batch_lines:"),
+        ('[influxdb]\ntoken = "a"\ntoken_file = "/etc/hostname"\n', "give token or token_file"),
+        ('[influxdb]\ntoken_file = "/nonexistent/token"\n', "influxdb.token_file: file not found"),
+        ('[[gbfs.systems]]\nname = "a"\n', "gbfs.systems.0: give url"),
+        ('[[gbfs.systems]]\nname = "a b"\nurl = "http://x/"\n', "gbfs.systems.0.name:"),
+        (
+            '[[gbfs.systems]]\nname = "a"\nurl = "http://x/"\ninterval_secs = 0.1\n',
+            "gbfs.systems.0.interval_secs:",
+        ),
+        (
+            '[[gbfs.systems]]\nname = "a"\nurl = "http://x/"\n[[gbfs.systems]]\nname = "a"\nurl = "http://y/"\n',
+            "system name 'a' is used twice",
+        ),
+        ('[influxdb\nurl = "x"', "c.toml"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(_write(tmp_path, text))
+    assert named in str(raised.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(tmp_path / "nope.toml")
+
+
+def test_cli_exits_2_on_bad_config_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(
+        tmp_path,
+        '[influxdb]\nurl = "nope"\n[[gbfs.systems]]\nname = "a"\nurl = "http://127.0.0.1:9/"\n',
+    )
+    assert cli.main(["run", "--once", "--config", str(path)]) == 2
+    assert "influxdb.url" in capsys.readouterr().err
+
+
+def test_secrets_are_not_shown_in_settings_repr(tmp_path: Path) -> None:
+    settings = load(
+        _write(tmp_path, '[influxdb]\ntoken = "s3cr3t-token"\npassword = "pw-s3cr3t"\n')
+    )
+    text = repr(settings) + str(settings.model_dump())
+    assert "s3cr3t-token" not in text and "pw-s3cr3t" not in text
+
+
+@pytest.mark.influxdb
+def test_check_reports_database_and_each_system(
+    tmp_path: Path, influxd: InfluxD, feeds: FeedServer
+) -> None:
+    for file in (DATA / "gbfs" / "v2.3").glob("*.json"):
+        body = file.read_bytes().replace(b"{BASE}", feeds.url.encode())
+        feeds.routes[f"/v2.3/{file.name}"] = Reply(200, body)
+    path = _write(
+        tmp_path,
+        f"""
+[influxdb]
+url = "{influxd.url}"
+api = "v1"
+
+[[gbfs.systems]]
+name = "oslo"
+url = "{feeds.url}/v2.3/gbfs.json"
+
+[[gbfs.systems]]
+name = "down"
+url = "http://127.0.0.1:{free_port()}/gbfs.json"
+""",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "collector.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1  # one system is down
+    out = proc.stdout
+    assert f"influxdb: v1 {influxd.url} ... ok (version 1." in out
+    assert "gbfs oslo: ok, GBFS 2.3, 4 stations" in out
+    assert "data-quality faults: invalid_value 1, over_capacity 1, unknown_station 1" in out
+    assert "gbfs down: FAILED at fetch:" in out
