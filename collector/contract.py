@@ -22,6 +22,11 @@ class Measurement:
     precision: Precision
     description: str
 
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """Field order of a row's values: sorted, as line protocol writes them."""
+        return tuple(sorted(self.fields))
+
 
 BIKES_BUCKET = "bikes"
 

@@ -1,36 +1,37 @@
-"""Records -> InfluxDB line protocol.
+"""Rows of a contract measurement -> InfluxDB line protocol.
+
+A row is ``(tags, values, time)``: ``tags`` a tuple of ``(key, value)`` pairs, ``values`` one
+value (or None) per field in ``Measurement.field_names`` order, with the types the contract
+declares; ``time`` in the measurement's precision. Rows are plain tuples because a poll makes
+thousands of them and a NamedTuple costs several times more to build.
 
 The output is byte-identical to ``influxdb_client.Point.to_line_protocol()`` (tags and fields
 sorted by key, floats without a trailing ``.0``, None/NaN/inf fields left out), but several times
-faster: a poll repeats the same series and field names thousands of times, so their escaped
-forms are computed once and cached instead of once per point.
+faster, for two reasons: each measurement's field layout is known from the contract, so its
+encoder is generated once as straight-line Python with no per-field loop or type dispatch; and
+a poll repeats the same series keys, names and coordinates, so their escaped text is cached.
 
-Unlike ``Point``, a record whose fields are all empty is not turned silently into nothing: the
-encoder counts it, so the caller can report it.
+Unlike ``Point``, a row with no writable field is not turned silently into nothing: the encoder
+counts it, so the caller can report it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
+from typing import TypeAlias
 
-FieldValue = int | float | bool | str
+from collector.contract import Measurement
+
+FieldValue: TypeAlias = int | float | bool | str
+Tags: TypeAlias = tuple[tuple[str, str], ...]
+Row: TypeAlias = tuple[Tags, tuple[FieldValue | None, ...], int | None]
 
 _ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"})
 _ESCAPE_KEY = str.maketrans(
     {",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"}
 )
 _ESCAPE_STRING = str.maketrans({'"': r"\"", "\\": r"\\"})
-
-
-class Record(NamedTuple):
-    """One point. ``time`` is in the precision of the batch it is written with."""
-
-    measurement: str
-    tags: tuple[tuple[str, str], ...]
-    fields: Mapping[str, FieldValue | None]
-    time: int | None
 
 
 def escape_key(key: str) -> str:
@@ -41,10 +42,6 @@ def escape_tag_value(value: str) -> str:
     escaped = value.translate(_ESCAPE_KEY)
     # A trailing backslash would escape the separator that follows it.
     return escaped + " " if escaped.endswith("\\") else escaped
-
-
-def escape_string(value: str) -> str:
-    return value.translate(_ESCAPE_STRING)
 
 
 def series_key(measurement: str, tags: Iterable[tuple[str, str | None]]) -> str:
@@ -59,111 +56,111 @@ def series_key(measurement: str, tags: Iterable[tuple[str, str | None]]) -> str:
     return ",".join(parts)
 
 
-def field_value(value: object) -> str | None:
-    """The line-protocol text of one field value, or None when it is not written."""
-    kind = type(value)
-    if kind is int:
-        return f"{value}i"
-    if kind is float:
-        return _float(value)  # type: ignore[arg-type]
-    if kind is bool:
-        return "true" if value else "false"
-    if kind is str:
-        return f'"{value.translate(_ESCAPE_STRING)}"'  # type: ignore[attr-defined]
-    if value is None:
-        return None
-    # Subclasses (IntEnum, numpy scalars registered as numbers) take the slow path.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return f"{int(value)}i"
-    if isinstance(value, float):
-        return _float(float(value))
-    if isinstance(value, str):
-        return f'"{str(value).translate(_ESCAPE_STRING)}"'
-    raise TypeError(f"field value of type {kind.__name__} cannot be written: {value!r}")
-
-
-def _float(value: float) -> str | None:
+def format_float(value: float) -> str | None:
+    """Point's float text (``1.0`` -> ``1``); None for NaN and infinities, which are not written."""
     if not math.isfinite(value):
         return None
     text = str(value)
     return text[:-2] if text.endswith(".0") else text
 
 
-class Encoder:
-    """Encodes records to lines, caching escaped series keys and sorted field-key layouts.
+def format_string(value: str) -> str:
+    return f'"{value.translate(_ESCAPE_STRING)}"'
 
-    The caches are bounded: station and patient sets are small, but a feed that invents a new
-    station id on every poll must not grow memory without end.
+
+class _Cache(dict[object, str]):
+    """Value -> encoded fragment, emptied when full so a feed inventing values cannot grow it."""
+
+    def __init__(self, limit: int, make: Callable[[object], str | None]) -> None:
+        super().__init__()
+        self._limit = limit
+        self._make = make
+
+    def __missing__(self, value: object) -> str:
+        text = self._make(value)
+        if text is None:  # NaN or infinity: nothing to write, and NaN never equals a key
+            return ""
+        if len(self) >= self._limit:
+            self.clear()
+        self[value] = text
+        return text
+
+
+def _generate(measurement: Measurement) -> str:
+    """Source of ``encode(rows, out) -> empty`` for one measurement.
+
+    Straight-line Python: the loop unpacks each row's values in its ``for`` target, and the
+    fields are a single f-string with one conditional part per field ("" when the value is
+    None): one string built per row, no call, no inner loop, no type dispatch. Float and string
+    fields read whole fragments from caches (``c<i>``); series keys come from ``keys``.
     """
+    parts: list[str] = []
+    caches: list[str] = []
+    for i, name in enumerate(measurement.field_names):
+        if not name.isidentifier():  # keeps the generated source trivially safe
+            raise ValueError(f"field name {name!r} must be an identifier")
+        kind = measurement.fields[name]
+        v = f"v{i}"
+        if kind == "integer":
+            fragment = f"f',{name}={{{v}}}i'"
+        elif kind == "boolean":
+            fragment = f"(',{name}=true' if {v} else ',{name}=false')"
+        else:  # floats and strings repeat across polls: cached whole fragments
+            caches.append(f"c{i}")
+            fragment = f"c{i}[{v}]"
+        parts.append(f"{{'' if {v} is None else {fragment}}}")
+    unpack = "".join(f"v{i}, " for i in range(len(parts)))
+    defaults = "".join(f", {c}={c}" for c in caches)
+    return f"""
+def encode(rows, out, keys, new_key{defaults}):
+    append = out.append
+    get = keys.get
+    empty = 0
+    for tags, ({unpack}), time in rows:
+        fields = f"{"".join(parts)}"
+        if not fields:
+            empty += 1
+        elif time is None:
+            append(f"{{get(tags) or new_key(tags)}} {{fields[1:]}}")
+        else:
+            append(f"{{get(tags) or new_key(tags)}} {{fields[1:]}} {{time}}")
+    return empty
+"""
 
-    def __init__(self, max_cached: int = 100_000) -> None:
+
+class Encoder:
+    """Encodes rows of one measurement. One per thread: its caches are not locked."""
+
+    def __init__(self, measurement: Measurement, max_cached: int = 100_000) -> None:
+        self.measurement = measurement
         self._max_cached = max_cached
-        self._series: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
-        self._layouts: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
-        self._strings: dict[str, str] = {}
+        self._keys: dict[Tags, str] = {}
+        namespace: dict[str, object] = {}
+        for i, name in enumerate(measurement.field_names):
+            kind = measurement.fields[name]
+            if kind in ("float", "string"):
+                fmt = format_float if kind == "float" else format_string
+                namespace[f"c{i}"] = _Cache(
+                    max_cached,
+                    lambda v, p=f",{name}=", f=fmt: None if (t := f(v)) is None else p + t,
+                )
+        exec(compile(_generate(measurement), "<generated encoder>", "exec"), namespace)
+        self._encode: Callable[..., int] = namespace["encode"]  # type: ignore[assignment]
 
-    def line(self, record: Record) -> str | None:
-        """One line without a newline, or None when the record has no field to write."""
-        measurement, tags, fields, time = record
-        cache_key = (measurement, tags)
-        key = self._series.get(cache_key)
-        if key is None:
-            if len(self._series) >= self._max_cached:
-                self._series.clear()
-            key = self._series[cache_key] = series_key(measurement, tags)
+    def _new_key(self, tags: Tags) -> str:
+        if len(self._keys) >= self._max_cached:
+            self._keys.clear()
+        key = self._keys[tags] = series_key(self.measurement.name, tags)
+        return key
 
-        names = tuple(fields)
-        layout = self._layouts.get(names)
-        if layout is None:
-            if len(self._layouts) >= self._max_cached:
-                self._layouts.clear()
-            # Point sorts fields by key; so do we, once per distinct set of field names.
-            layout = self._layouts[names] = tuple(
-                (name, escape_key(name) + "=") for name in sorted(names)
-            )
-
-        parts = []
-        append = parts.append
-        strings = self._strings
-        for name, prefix in layout:
-            value = fields[name]
-            kind = type(value)
-            if kind is int:
-                append(f"{prefix}{value}i")
-            elif kind is float:
-                text = _float(value)  # type: ignore[arg-type]
-                if text is not None:
-                    append(prefix + text)
-            elif kind is bool:
-                append(prefix + ("true" if value else "false"))
-            elif kind is str:
-                quoted = strings.get(value)  # type: ignore[arg-type]
-                if quoted is None:
-                    if len(strings) >= self._max_cached:
-                        strings.clear()
-                    quoted = strings[value] = f'"{value.translate(_ESCAPE_STRING)}"'  # type: ignore[union-attr,index]
-                append(prefix + quoted)
-            elif value is not None:
-                text = field_value(value)
-                if text is not None:
-                    append(prefix + text)
-        if not parts:
-            return None
-        if time is None:
-            return f"{key} {','.join(parts)}"
-        return f"{key} {','.join(parts)} {time}"
-
-    def lines(self, records: Iterable[Record]) -> tuple[list[str], int]:
-        """(lines, number of records left out because none of their fields can be written)."""
+    def line(self, row: Row) -> str | None:
+        """One line without a newline, or None when the row has no field to write."""
         out: list[str] = []
-        empty = 0
-        line = self.line
-        for record in records:
-            text = line(record)
-            if text is None:
-                empty += 1
-            else:
-                out.append(text)
+        self._encode((row,), out, self._keys, self._new_key)
+        return out[0] if out else None
+
+    def lines(self, rows: Iterable[Row]) -> tuple[list[str], int]:
+        """(lines, number of rows left out because none of their fields can be written)."""
+        out: list[str] = []
+        empty = self._encode(rows, out, self._keys, self._new_key)
         return out, empty

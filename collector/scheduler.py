@@ -66,7 +66,7 @@ class Collector:
             else [GbfsSystem(system) for system in settings.gbfs.systems]
         )
         # One encoder per system: its caches are then touched by one thread at a time.
-        self._encoders = {system.name: Encoder() for system in self.systems}
+        self._encoders = {system.name: Encoder(STATION_STATUS) for system in self.systems}
         self.fatal: BaseException | None = None
         self.stopped = threading.Event()
 
@@ -104,13 +104,13 @@ class Collector:
         counters.add(name, "fetch", "ok")
         for kind, n in poll.quality.items():
             counters.add(name, "quality", kind, n)
-        if not poll.records:
+        if not poll.rows:
             event(log, logging.DEBUG, "poll", source=name, outcome=poll.outcome)
             return PollSummary(name, True, poll.outcome)
 
-        lines, empty = self._encoders[name].lines(poll.records)
+        lines, empty = self._encoders[name].lines(poll.rows)
         counters.add(name, "parse", "ok")
-        counters.add(name, "parse", "empty_record", empty)
+        counters.add(name, "parse", "empty_row", empty)
         report = self.sink.write(STATION_STATUS.bucket, lines, STATION_STATUS.precision)
         counters.add(name, "write", "ok", report.written)
         for failure in report.errors:

@@ -1,4 +1,4 @@
-"""The collector as a whole: bad feeds beside good ones, isolation, shutdown, refused credentials."""
+"""The collector as a whole: bad feeds beside good ones, isolation, shutdown, refused auth."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def test_bad_feeds_are_counted_and_good_data_still_arrives(
     for name, (reply, _stage, _kind) in BAD_FEEDS.items():
         feeds.routes[f"/{name}/status.json"] = reply
         systems.append(
-            f'[[gbfs.systems]]\nname = "{name}"\nstation_status_url = "{feeds.url}/{name}/status.json"\n'
+            f'[[gbfs.systems]]\nname = "{name}"\n'
+            f'station_status_url = "{feeds.url}/{name}/status.json"\n'
             "timeout_secs = 0.5\nmax_body_bytes = 100000\n"
         )
     config = _settings(

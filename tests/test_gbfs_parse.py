@@ -7,12 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from collector.lineprotocol import Encoder
+from collector.contract import STATION_STATUS
+from collector.lineprotocol import Encoder, Row
 from collector.retry import Failure
 from collector.sources import gbfs
 from tests.support import DATA
 
 SPEC = DATA / "gbfs"
+
+
+def fields(row: Row) -> dict[str, object]:
+    return dict(zip(STATION_STATUS.field_names, row[1], strict=True))
+
+
+def station_id(row: Row) -> str:
+    return dict(row[0])["station_id"]
 
 
 def _lines(
@@ -26,7 +35,7 @@ def _lines(
     snapshot = gbfs.parse_station_status(
         (folder / "station_status.json").read_bytes(), system, catalog, fetched_at, ebike_types
     )
-    lines, empty = Encoder().lines(snapshot.records)
+    lines, empty = Encoder(STATION_STATUS).lines(snapshot.rows)
     assert empty == 0
     return "\n".join(lines) + "\n", snapshot, catalog
 
@@ -146,7 +155,7 @@ def test_point_time_is_feed_time_only_when_plausible(
 ) -> None:
     body = _status([{"station_id": "a", "num_bikes_available": 1}], last_updated=last_updated)
     snapshot = gbfs.parse_station_status(body, "x", None, 1_700_000_500.7)
-    assert [r.time for r in snapshot.records] == [expected_time]
+    assert [r[2] for r in snapshot.rows] == [expected_time]
 
 
 def test_no_last_updated_uses_fetch_time_and_reports_none() -> None:
@@ -160,8 +169,8 @@ def test_no_last_updated_uses_fetch_time_and_reports_none() -> None:
     snapshot = gbfs.parse_station_status(body, "x", None, 1_700_000_500.2)
     assert snapshot.last_updated is None
     assert snapshot.ttl == 3600
-    assert snapshot.records[0].time == 1_700_000_500
-    assert snapshot.records[0].tags == (("station_id", "5"), ("system", "x"))
+    assert snapshot.rows[0][2] == 1_700_000_500
+    assert snapshot.rows[0][0] == (("station_id", "5"), ("system", "x"))
 
 
 def test_unknown_catalog_does_not_count_unknown_stations() -> None:
@@ -182,8 +191,8 @@ def test_integral_float_counts_are_accepted_and_fractional_rejected() -> None:
         ]
     )
     snapshot = gbfs.parse_station_status(body, "x", None, 1_700_000_000)
-    assert [(r.tags[0][1], r.fields["bikes_available"]) for r in snapshot.records] == [("a", 3)]
-    assert type(snapshot.records[0].fields["bikes_available"]) is int
+    assert [(station_id(r), fields(r)["bikes_available"]) for r in snapshot.rows] == [("a", 3)]
+    assert type(fields(snapshot.rows[0])["bikes_available"]) is int
     assert snapshot.quality == {"invalid_station": 2}
 
 
@@ -233,7 +242,7 @@ def _real(
         fetched_at,
         gbfs.parse_vehicle_types(types.read_bytes()) if types.exists() else None,
     )
-    by_id = {dict(r.tags)["station_id"]: r for r in snapshot.records}
+    by_id = {station_id(r): r for r in snapshot.rows}
     return snapshot, catalog, by_id
 
 
@@ -242,11 +251,11 @@ def test_real_citibike_2019_v1_0(shared_fixtures: Path) -> None:
         shared_fixtures, "citibike-2019-v1.0", "citibike", 1_562_342_100
     )
     assert len(catalog.stations) == 845
-    assert len(snapshot.records) == 845
+    assert len(snapshot.rows) == 845
     assert snapshot.last_updated == 1_562_342_057
     # Decommissioned stations report last_reported = 18001 (1970): left out, counted.
     assert dict(snapshot.quality) == {"implausible_last_reported": 15}
-    assert by_id["168"].fields == {
+    assert fields(by_id["168"]) == {
         "bikes_available": 11,
         "bikes_disabled": 0,
         "capacity": 47,
@@ -261,26 +270,26 @@ def test_real_citibike_2019_v1_0(shared_fixtures: Path) -> None:
         "lon": -73.99456405,
         "name": "W 18 St & 6 Ave",
     }
-    assert by_id["168"].time == 1_562_342_057
-    placeholders = [r for r in snapshot.records if r.fields["last_reported"] is None]
+    assert by_id["168"][2] == 1_562_342_057
+    placeholders = [r for r in snapshot.rows if fields(r)["last_reported"] is None]
     assert len(placeholders) == 15
 
 
 def test_real_velib_2024(shared_fixtures: Path) -> None:
     snapshot, catalog, by_id = _real(shared_fixtures, "velib-2024", "velib", 1_732_004_600)
     assert len(catalog.stations) == 1485
-    assert len(snapshot.records) == 1485
+    assert len(snapshot.rows) == 1485
     assert snapshot.last_updated is None  # only lastUpdatedOther
-    assert all(r.time == 1_732_004_600 for r in snapshot.records)
+    assert all(r[2] == 1_732_004_600 for r in snapshot.rows)
     assert dict(snapshot.quality) == {"over_capacity": 13}
-    first = by_id["213688169"].fields  # integer id in the feed
+    first = fields(by_id["213688169"])  # integer id in the feed
     assert (first["bikes_available"], first["ebikes_available"], first["docks_available"]) == (
         1,
         0,
         34,
     )
     assert first["name"] == "Benjamin Godard - Victor Hugo"
-    second = by_id["17278902806"].fields
+    second = fields(by_id["17278902806"])
     assert (second["bikes_available"], second["ebikes_available"], second["docks_available"]) == (
         5,
         4,
@@ -292,9 +301,9 @@ def test_real_oslo_2022_int_booleans(shared_fixtures: Path) -> None:
     snapshot, catalog, by_id = _real(
         shared_fixtures, "oslo-2022-v2.2-intbool", "oslo", 1_666_551_810
     )
-    assert len(snapshot.records) == len(catalog.stations) == 260
+    assert len(snapshot.rows) == len(catalog.stations) == 260
     assert not snapshot.quality
-    station = by_id["2351"].fields
+    station = fields(by_id["2351"])
     assert station["bikes_available"] == 10 and station["docks_available"] == 8
     assert station["is_installed"] is True and station["capacity"] == 18
     assert station["name"] == "Sogn Studentby"
@@ -304,11 +313,11 @@ def test_real_spec_v3_0(shared_fixtures: Path) -> None:
     snapshot, catalog, by_id = _real(shared_fixtures, "spec-v3.0", "paris", 1_562_247_200)
     assert snapshot.last_updated == 1_562_247_183  # 2019-07-04T13:33:03.969Z
     assert len(catalog.stations) == 23
-    record = by_id["6efbec5a-6b8c-455b-bed2-8d66be6d6a4b"]
-    assert record.fields["name"] == "2 ROUES"  # localized [{language, text}]
-    assert record.fields["bikes_available"] == 0  # num_vehicles_available
-    assert record.fields["ebikes_available"] == 0  # ebicycle_paris is electric_assist
-    assert record.fields["last_reported"] == 1_562_247_183
+    record = fields(by_id["6efbec5a-6b8c-455b-bed2-8d66be6d6a4b"])
+    assert record["name"] == "2 ROUES"  # localized [{language, text}]
+    assert record["bikes_available"] == 0  # num_vehicles_available
+    assert record["ebikes_available"] == 0  # ebicycle_paris is electric_assist
+    assert record["last_reported"] == 1_562_247_183
 
 
 def test_real_entur_ids_mismatch_is_counted_not_fatal(shared_fixtures: Path) -> None:
@@ -316,4 +325,4 @@ def test_real_entur_ids_mismatch_is_counted_not_fatal(shared_fixtures: Path) -> 
     # Entur's test status uses ids that station_information does not list.
     assert snapshot.quality == {"unknown_station": 2}
     assert set(by_id) == {"TST:Station:1", "2"}
-    assert by_id["TST:Station:1"].fields["lat"] is None
+    assert fields(by_id["TST:Station:1"])["lat"] is None

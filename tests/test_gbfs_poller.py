@@ -11,6 +11,7 @@ from collector.retry import Failure
 from collector.settings import GbfsSystemSettings
 from collector.sources.gbfs import GbfsSystem
 from tests.support import DATA, FeedServer, Reply, Request
+from tests.test_gbfs_parse import fields
 
 SPEC = DATA / "gbfs" / "v2.3"
 
@@ -86,7 +87,7 @@ def test_conditional_get_and_unchanged_feed_write_nothing(feeds: FeedServer) -> 
     clock.now += 15
     poll = system.poll()
     assert (poll.outcome, poll.feed_time) == ("new", 1_700_000_320)
-    assert {r.time for r in poll.records} == {1_700_000_320}
+    assert {r[2] for r in poll.rows} == {1_700_000_320}
 
 
 @pytest.mark.parametrize(("ttl", "max_ttl", "fresh_until"), [(60, 300, 60), (3600, 300, 300)])
@@ -166,7 +167,7 @@ def test_station_information_failure_still_stores_status(feeds: FeedServer) -> N
     poll = _system(feeds, Clock()).poll()
     assert poll.outcome == "new" and poll.stations == 4
     assert [e.kind for e in poll.errors] == ["http_5xx"]
-    assert all(r.fields["lat"] is None for r in poll.records)
+    assert all(fields(r)["lat"] is None for r in poll.rows)
 
 
 def test_discovery_without_station_status_is_a_clear_error(feeds: FeedServer) -> None:
@@ -197,4 +198,4 @@ def test_direct_urls_without_discovery(feeds: FeedServer) -> None:
     assert poll.stations == 4
     assert feeds.hits("/v2.3/gbfs.json") == 0
     # No vehicle_types known: e-bikes cannot be told apart, so none are claimed.
-    assert {r.fields["ebikes_available"] for r in poll.records} == {None}
+    assert {fields(r)["ebikes_available"] for r in poll.rows} == {None}

@@ -30,7 +30,7 @@ import orjson
 
 from collector.contract import STATION_STATUS
 from collector.http import Fetcher, Validators
-from collector.lineprotocol import Record
+from collector.lineprotocol import Row, Tags
 from collector.retry import Backoff, Failure
 from collector.settings import GbfsSystemSettings
 
@@ -199,12 +199,24 @@ def parse_vehicle_types(body: bytes) -> frozenset[str]:
 
 @dataclass(frozen=True, slots=True)
 class Station:
-    tags: tuple[tuple[str, str], ...]
-    name: str | None
+    tags: Tags
     short_name: str | None
-    lat: float | None
-    lon: float | None
-    capacity: int | None
+    # (capacity, lat, lon, name): the static fields of the station's rows, in field order,
+    # built once per station_information refresh instead of once per poll.
+    facts: tuple[int | None, float | None, float | None, str | None]
+
+    @property
+    def name(self) -> str | None:
+        return self.facts[3]
+
+    @property
+    def position(self) -> tuple[float, float] | None:
+        lat, lon = self.facts[1], self.facts[2]
+        return None if lat is None or lon is None else (lat, lon)
+
+    @property
+    def capacity(self) -> int | None:
+        return self.facts[0]
 
 
 @dataclass
@@ -260,11 +272,8 @@ def parse_station_information(body: bytes, system: str, language: str | None = N
             capacity = None
         stations[station_id] = Station(
             tags=(("station_id", station_id), ("system", system)),
-            name=_text(raw.get("name"), language),
             short_name=_text(raw.get("short_name"), language),
-            lat=lat,
-            lon=lon,
-            capacity=capacity,
+            facts=(capacity, lat, lon, _text(raw.get("name"), language)),
         )
     ttl = doc.get("ttl")
     return Catalog(stations, ttl if type(ttl) is int and ttl >= 0 else None, quality)
@@ -275,13 +284,30 @@ def parse_station_information(body: bytes, system: str, language: str | None = N
 
 @dataclass
 class Snapshot:
-    """One station_status document as records."""
+    """One station_status document as station_status rows."""
 
-    records: list[Record]
+    rows: list[Row]
     last_updated: int | None  # the feed's own time, when it gave a plausible one
     ttl: int | None
     quality: Counter[str]
 
+
+# Rows are built positionally for speed; fail at import if the contract's order ever changes.
+assert STATION_STATUS.field_names == (
+    "bikes_available",
+    "bikes_disabled",
+    "capacity",
+    "docks_available",
+    "docks_disabled",
+    "ebikes_available",
+    "is_installed",
+    "is_renting",
+    "is_returning",
+    "last_reported",
+    "lat",
+    "lon",
+    "name",
+), "station_status fields changed: update parse_station_status"
 
 _INVALID = object()
 
@@ -299,6 +325,7 @@ def _count(value: object) -> Any:
 
 
 _FLAGS = {True: True, False: False}  # 1 == True and 0 == False, so 0/1 ints map too
+_NO_FACTS = (None, None, None, None)
 
 
 def _ebikes(raw: dict[str, Any], ebike_types: frozenset[str] | None) -> Any:
@@ -329,6 +356,14 @@ def _ebikes(raw: dict[str, Any], ebike_types: frozenset[str] | None) -> Any:
     return None
 
 
+def _flag(raw: dict[str, Any], key: str, quality: Counter[str]) -> bool | None:
+    value = raw.get(key)
+    flag = _FLAGS.get(value) if type(value) in (bool, int) else None  # type: ignore[call-overload]
+    if flag is None and value is not None:
+        quality["invalid_value"] += 1
+    return flag
+
+
 def plausible_time(value: int | None, now: float) -> int | None:
     if value is None or value < MIN_PLAUSIBLE_EPOCH or value > now + MAX_CLOCK_SKEW_SECS:
         return None
@@ -342,7 +377,7 @@ def parse_station_status(
     fetched_at: float,
     ebike_types: frozenset[str] | None = None,
 ) -> Snapshot:
-    """station_status -> one record per station with valid counts.
+    """station_status -> one row per station with valid counts.
 
     ``catalog`` None means station_information is not known (yet): stations are stored without
     position and not counted as unknown. ``ebike_types`` None means vehicle_types is not known.
@@ -357,14 +392,15 @@ def parse_station_status(
 
     known = catalog.stations if catalog is not None else {}
     quality: Counter[str] = Counter()
-    records: list[Record] = []
-    append = records.append
+    rows: list[Row] = []
+    append = rows.append
     seen: set[str] = set()
     for raw in raw_stations:
         if type(raw) is not dict:
             quality["invalid_station"] += 1
             continue
-        station_id = raw.get("station_id")
+        get = raw.get
+        station_id = get("station_id")
         if type(station_id) is not str or not station_id:
             station_id = _station_id(station_id)
             if station_id is None:
@@ -375,32 +411,32 @@ def parse_station_status(
             continue
         seen.add(station_id)
 
-        bikes = raw.get("num_bikes_available")
+        bikes = get("num_bikes_available")
         if bikes is None:
-            bikes = raw.get("num_vehicles_available")  # 3.0
-        disabled = raw.get("num_bikes_disabled")
+            bikes = get("num_vehicles_available")  # 3.0
+        disabled = get("num_bikes_disabled")
         if disabled is None:
-            disabled = raw.get("num_vehicles_disabled")  # 3.0
-        docks = raw.get("num_docks_available")
-        docks_disabled = raw.get("num_docks_disabled")
-        if type(bikes) is not int:
-            bikes = _count(bikes)
-            if type(bikes) is not int:
+            disabled = get("num_vehicles_disabled")  # 3.0
+        docks = get("num_docks_available")
+        docks_disabled = get("num_docks_disabled")
+        ebikes = get("num_ebikes_available")
+        # Fast path: every count an int (or absent). Anything else is checked one by one.
+        if not (
+            type(bikes) is int
+            and (docks is None or type(docks) is int)
+            and (disabled is None or type(disabled) is int)
+            and (docks_disabled is None or type(docks_disabled) is int)
+        ):
+            bikes, docks = _count(bikes), _count(docks)
+            disabled, docks_disabled = _count(disabled), _count(docks_disabled)
+            if type(bikes) is not int or _INVALID in (docks, disabled, docks_disabled):
                 quality["invalid_station"] += 1
                 continue
-        if type(docks) is not int:
-            docks = _count(docks)
-        if type(disabled) is not int:
-            disabled = _count(disabled)
-        if type(docks_disabled) is not int:
-            docks_disabled = _count(docks_disabled)
-        ebikes = _ebikes(raw, ebike_types)
-        if docks is _INVALID or disabled is _INVALID or docks_disabled is _INVALID:
-            quality["invalid_station"] += 1
-            continue
-        if ebikes is _INVALID:
-            quality["invalid_value"] += 1
-            ebikes = None
+        if type(ebikes) is not int:
+            ebikes = _ebikes(raw, ebike_types)
+            if ebikes is _INVALID:
+                quality["invalid_value"] += 1
+                ebikes = None
         if (
             bikes < 0
             or (docks is not None and docks < 0)
@@ -411,18 +447,16 @@ def parse_station_status(
             quality["negative_count"] += 1
             continue
 
-        installed = _FLAGS.get(raw.get("is_installed"))  # type: ignore[call-overload]
-        renting = _FLAGS.get(raw.get("is_renting"))  # type: ignore[call-overload]
-        returning = _FLAGS.get(raw.get("is_returning"))  # type: ignore[call-overload]
-        if (
-            (installed is None and "is_installed" in raw)
-            or (renting is None and "is_renting" in raw)
-            or (returning is None and "is_returning" in raw)
-        ):
-            quality["invalid_value"] += 1
+        installed = get("is_installed")
+        renting = get("is_renting")
+        returning = get("is_returning")
+        if not (type(installed) is bool and type(renting) is bool and type(returning) is bool):
+            installed = _flag(raw, "is_installed", quality)
+            renting = _flag(raw, "is_renting", quality)
+            returning = _flag(raw, "is_returning", quality)
 
-        reported = raw.get("last_reported")
-        if reported is not None:
+        reported = get("last_reported")
+        if reported is not None and not (type(reported) is int and reported >= MIN_PLAUSIBLE_EPOCH):
             reported = parse_timestamp(reported)
             if reported is None or reported < MIN_PLAUSIBLE_EPOCH:
                 quality["implausible_last_reported"] += 1
@@ -433,41 +467,35 @@ def parse_station_status(
             if catalog is not None:
                 quality["unknown_station"] += 1
             tags = (("station_id", station_id), ("system", system))
-            name = lat = lon = capacity = None
+            capacity, lat, lon, name = _NO_FACTS
         else:
-            tags, name, lat, lon, capacity = (
-                station.tags,
-                station.name,
-                station.lat,
-                station.lon,
-                station.capacity,
-            )
+            tags = station.tags
+            capacity, lat, lon, name = station.facts
             if capacity is not None and bikes + (docks or 0) > capacity:
                 quality["over_capacity"] += 1
 
         append(
-            Record(
-                _MEASUREMENT,
+            (
                 tags,
-                {
-                    "bikes_available": bikes,
-                    "bikes_disabled": disabled,
-                    "capacity": capacity,
-                    "docks_available": docks,
-                    "docks_disabled": docks_disabled,
-                    "ebikes_available": ebikes,
-                    "is_installed": installed,
-                    "is_renting": renting,
-                    "is_returning": returning,
-                    "last_reported": reported,
-                    "lat": lat,
-                    "lon": lon,
-                    "name": name,
-                },
+                (
+                    bikes,
+                    disabled,
+                    capacity,
+                    docks,
+                    docks_disabled,
+                    ebikes,
+                    installed,
+                    renting,
+                    returning,
+                    reported,
+                    lat,
+                    lon,
+                    name,
+                ),
                 timestamp,
             )
         )
-    return Snapshot(records, last_updated, ttl if type(ttl) is int and ttl >= 0 else None, quality)
+    return Snapshot(rows, last_updated, ttl if type(ttl) is int and ttl >= 0 else None, quality)
 
 
 # ------------------------------------------------------------------------------------ poller
@@ -479,7 +507,7 @@ Outcome = Literal["new", "not_modified", "unchanged", "fresh", "backing_off"]
 @dataclass
 class Poll:
     outcome: Outcome
-    records: list[Record] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     quality: Counter[str] = field(default_factory=Counter)
     stations: int = 0
     feed_time: int | None = None
@@ -574,9 +602,9 @@ class GbfsSystem:
         self._last_updated = snapshot.last_updated
         return Poll(
             "new",
-            records=snapshot.records,
+            rows=snapshot.rows,
             quality=quality,
-            stations=len(snapshot.records),
+            stations=len(snapshot.rows),
             feed_time=snapshot.last_updated,
             errors=errors,
         )
