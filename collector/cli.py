@@ -140,8 +140,12 @@ def _check(config: settings.Settings, args: argparse.Namespace) -> int:
             system.close()
         age = f", data {time.time() - poll.feed_time:.0f}s old" if poll.feed_time else ""
         quality = ", ".join(f"{k} {n}" for k, n in sorted(poll.quality.items()))
+        if system_settings.url is None:
+            version = "(direct feed URLs, no gbfs.json)"
+        else:
+            version = system.version or "1.0 (gbfs.json has no version)"
         print(
-            f"ok, GBFS {system.version or '1.0 (no version)'}, {poll.stations} stations{age}"
+            f"ok, GBFS {version}, {poll.stations} stations{age}"
             + (f"; data-quality faults: {quality}" if quality else "")
         )
         for failure in poll.errors:

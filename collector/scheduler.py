@@ -77,28 +77,10 @@ class Collector:
         try:
             poll = system.poll()
         except Failure as failure:
-            counters.add(name, failure.stage, failure.kind)
-            event(
-                log,
-                logging.WARNING,
-                "poll_failed",
-                source=name,
-                stage=failure.stage,
-                error=failure.kind,
-                detail=str(failure),
-            )
+            self._failed(name, "poll_failed", failure)
             return PollSummary(name, False, "failed")
         for failure in poll.errors:
-            counters.add(name, failure.stage, failure.kind)
-            event(
-                log,
-                logging.WARNING,
-                "feed_failed",
-                source=name,
-                stage=failure.stage,
-                error=failure.kind,
-                detail=str(failure),
-            )
+            self._failed(name, "feed_failed", failure)
         if poll.outcome == "backing_off":
             return PollSummary(name, True, poll.outcome)
         counters.add(name, "fetch", "ok")
@@ -130,6 +112,18 @@ class Collector:
         )
         ok = not (report.rejected or report.failed)
         return PollSummary(name, ok, poll.outcome, report.written)
+
+    def _failed(self, source: str, what: str, failure: Failure) -> None:
+        self.counters.add(source, failure.stage, failure.kind)
+        event(
+            log,
+            logging.WARNING,
+            what,
+            source=source,
+            stage=failure.stage,
+            error=failure.kind,
+            detail=str(failure),
+        )
 
     def _job(self, system: GbfsSystem) -> None:
         try:

@@ -217,3 +217,13 @@ class FeedServer:
     def hits(self, path: str) -> int:
         with self._lock:
             return sum(1 for r in self.requests if r.path == path)
+
+    def serve_folder(self, folder: Path, prefix: str) -> str:
+        """Serve the JSON files of a hand-written fixture under ``prefix``, with ``{BASE}/<folder
+        name>`` in them pointing here; returns the URL of its gbfs.json."""
+        for file in folder.glob("*.json"):
+            body = file.read_bytes().replace(
+                f"{{BASE}}/{folder.name}".encode(), f"{self.url}{prefix}".encode()
+            )
+            self.routes[f"{prefix}/{file.name}"] = Reply(200, body)
+        return f"{self.url}{prefix}/gbfs.json"

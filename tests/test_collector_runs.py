@@ -23,10 +23,7 @@ SPEC = DATA / "gbfs" / "v2.3"
 
 
 def _serve_spec(feeds: FeedServer, prefix: str = "/v2.3") -> str:
-    for file in SPEC.glob("*.json"):
-        body = file.read_bytes().replace(b"{BASE}/v2.3", f"{feeds.url}{prefix}".encode())
-        feeds.routes[f"{prefix}/{file.name}"] = Reply(200, body)
-    return f"{feeds.url}{prefix}/gbfs.json"
+    return feeds.serve_folder(SPEC, prefix)
 
 
 def _settings(toml: str, tmp_path: Path) -> settings_module.Settings:

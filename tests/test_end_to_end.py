@@ -267,9 +267,7 @@ def test_setup_is_idempotent(tmp_path: Path, influxd: InfluxD) -> None:
 
 def test_dry_run_prints_line_protocol_without_a_database(tmp_path: Path, feeds: FeedServer) -> None:
     folder = DATA / "gbfs" / "v2.3"
-    for file in folder.glob("*.json"):
-        body = file.read_bytes().replace(b"{BASE}", feeds.url.encode())
-        _serve_json(feeds, f"/v2.3/{file.name}", body)
+    feeds.serve_folder(folder, "/v2.3")
     config = tmp_path / "c.toml"
     config.write_text(
         f"""

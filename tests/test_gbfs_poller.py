@@ -25,13 +25,10 @@ class Clock:
 
 
 def _serve_spec(feeds: FeedServer, status_ttl: int = 0) -> None:
-    for file in SPEC.glob("*.json"):
-        body = file.read_bytes().replace(b"{BASE}", feeds.url.encode())
-        if file.name == "station_status.json":
-            doc = json.loads(body)
-            doc["ttl"] = status_ttl
-            body = json.dumps(doc).encode()
-        feeds.routes[f"/v2.3/{file.name}"] = Reply(200, body)
+    feeds.serve_folder(SPEC, "/v2.3")
+    doc = json.loads((SPEC / "station_status.json").read_bytes())
+    doc["ttl"] = status_ttl
+    feeds.routes["/v2.3/station_status.json"] = Reply(200, json.dumps(doc).encode())
 
 
 def _system(feeds: FeedServer, clock: Clock, **overrides: object) -> GbfsSystem:

@@ -11,7 +11,7 @@ import pytest
 
 from collector import cli
 from collector.settings import ConfigError, load
-from tests.support import DATA, ROOT, FeedServer, InfluxD, Reply, free_port
+from tests.support import DATA, ROOT, FeedServer, InfluxD, free_port
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -104,9 +104,7 @@ def test_secrets_are_not_shown_in_settings_repr(tmp_path: Path) -> None:
 def test_check_reports_database_and_each_system(
     tmp_path: Path, influxd: InfluxD, feeds: FeedServer
 ) -> None:
-    for file in (DATA / "gbfs" / "v2.3").glob("*.json"):
-        body = file.read_bytes().replace(b"{BASE}", feeds.url.encode())
-        feeds.routes[f"/v2.3/{file.name}"] = Reply(200, body)
+    feeds.serve_folder(DATA / "gbfs" / "v2.3", "/v2.3")
     path = _write(
         tmp_path,
         f"""
