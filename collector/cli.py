@@ -44,11 +44,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     command("setup", "create the buckets (v2) or databases (v1) the collector writes to")
     command("check", "check configuration and connectivity, and print a report")
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="serve a simulated foot-pressure API or bike-share system",
+        description="Serve a stand-in for an outside API, so the stack runs with no account.",
+    )
+    simulate.add_argument("api", choices=("pressure", "gbfs"))
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, help="default: 9080 (pressure), 9081 (gbfs)")
+    simulate.add_argument("--seed", type=int, default=0, help="same seed, same data")
+    simulate.add_argument("--version", dest="gbfs_version", choices=("2.3", "3.0"), default="2.3")
+    simulate.add_argument("--stations", type=int, default=300, help="gbfs: stations in the city")
+    simulate.add_argument(
+        "--anomaly-runs-per-hour", type=float, default=6.0, help="pressure: anomaly runs per hour"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "simulate":
+        return _simulate(args)
     try:
         config = settings.load(args.config)
     except settings.ConfigError as exc:
@@ -68,8 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(config: settings.Settings, args: argparse.Namespace) -> int:
     sink = StdoutSink() if args.dry_run else make_writer(config.influxdb)
     collector = Collector(config, sink)
-    if not collector.systems:
-        print("collector: no source configured (add [[gbfs.systems]])", file=sys.stderr)
+    if not collector.sources:
+        print(
+            "collector: no source configured (add [[gbfs.systems]] or [pressure] url)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     try:
         if args.once:
@@ -93,8 +113,7 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         return EXIT_OK
     finally:
-        for system in collector.systems:
-            system.close()
+        collector.close()
         sink.close()
 
 
@@ -151,6 +170,37 @@ def _check(config: settings.Settings, args: argparse.Namespace) -> int:
         for failure in poll.errors:
             print(f"  warning: {failure}")
     return EXIT_OK if ok else EXIT_FAILURES
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from collector.simulators.gbfs import GbfsSimulator
+    from collector.simulators.pressure import PressureSimulator
+    from collector.simulators.serve import make_server
+
+    logs.configure("INFO")
+    if args.api == "pressure":
+        app: object = PressureSimulator(args.seed, anomaly_runs_per_hour=args.anomaly_runs_per_hour)
+        port = args.port or 9080
+    else:
+        app = GbfsSimulator(args.seed, stations=args.stations, version=args.gbfs_version)
+        port = args.port or 9081
+    server = make_server(app, args.host, port)  # type: ignore[arg-type]
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    logs.event(
+        log,
+        logging.INFO,
+        "simulating",
+        api=args.api,
+        url=f"http://{args.host}:{port}",
+        seed=args.seed,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -56,4 +56,49 @@ STATION_STATUS = Measurement(
     ),
 )
 
-MEASUREMENTS: tuple[Measurement, ...] = (STATION_STATUS,)
+PRESSURE_BUCKET = "pressure"
+ANOMALIES_BUCKET = "anomalies"
+
+# Sensor ids 0-5 as the insole API numbers them: front (big-toe ball), middle (5th metatarsal),
+# heel; left foot first.
+SENSORS: tuple[str, ...] = ("L0", "L1", "L2", "R0", "R1", "R2")
+FEET: tuple[str, ...] = ("left", "left", "left", "right", "right", "right")
+SENSOR_MAX = 1023  # 10-bit; 1023 = saturated, maximum pressure
+
+PRESSURE = Measurement(
+    bucket=PRESSURE_BUCKET,
+    name="pressure",
+    tags=("foot", "patient_id", "sensor"),
+    fields={"anomaly": "boolean", "value": "integer"},
+    precision="ms",
+    description=(
+        "One point per sensor per reading, timestamped with the receive time (ms), strictly "
+        "increasing per patient so that no reading overwrites another."
+    ),
+)
+
+ANOMALY = Measurement(
+    bucket=ANOMALIES_BUCKET,
+    name="anomaly",
+    tags=PRESSURE.tags,
+    fields=PRESSURE.fields,
+    precision="ms",
+    description="The pressure points whose sensor the device flagged as anomalous; kept forever.",
+)
+
+# Personal data: written only when pressure.store_personal_data is true.
+PATIENT = Measurement(
+    bucket=PRESSURE_BUCKET,
+    name="patient",
+    tags=("patient_id",),
+    fields={
+        "birthdate": "string",
+        "disabled": "boolean",
+        "firstname": "string",
+        "lastname": "string",
+    },
+    precision="ms",
+    description="Who a patient is, as the API says; only with store_personal_data = true.",
+)
+
+MEASUREMENTS: tuple[Measurement, ...] = (STATION_STATUS, PRESSURE, ANOMALY, PATIENT)

@@ -37,10 +37,13 @@ class Failure(Exception):
         stage: str = "fetch",
         status: int | None = None,
         retry_after_secs: float | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.stage = stage
+        # A finer, still bounded, label than kind (e.g. "sensor_count"), for logging once per kind.
+        self.reason = reason or kind
         self.status = status
         self.retry_after_secs = retry_after_secs
 

@@ -1,15 +1,19 @@
 """Runs every source on its own schedule and hands what it collected to the sink.
 
-Each system is one APScheduler job (``max_instances=1``, ``coalesce``, jitter) on a thread pool
-with a thread per job, so a slow or failing system never delays another. Everything a job
-does is counted and logged in one line per poll; only ``AuthError`` stops the collector,
-since no retry can fix refused credentials.
+Each bike-share system and each patient is one APScheduler job (``max_instances=1``,
+``coalesce``) on a thread pool with a thread per job, so a slow or failing source never delays
+another. GBFS polls write their own batch; pressure readings, hundreds a second, go through a
+``BatchingSink``. Everything is counted; a GBFS poll logs one line, a patient's failure is
+logged once per kind (then only counted). Only ``AuthError`` stops the collector, since no
+retry can fix refused credentials.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor as _Pool
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,13 +23,16 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from collector.contract import STATION_STATUS, Precision
+from collector.contract import ANOMALY, PATIENT, PRESSURE, STATION_STATUS, Precision
 from collector.lineprotocol import Encoder
 from collector.logs import event
 from collector.retry import Failure
 from collector.settings import Settings
+from collector.sinks.batch import BatchingSink
 from collector.sinks.influxdb import AuthError, WriteReport
+from collector.sources import pressure
 from collector.sources.gbfs import GbfsSystem
+from collector.sources.pressure import PatientPoller, Person
 from collector.telemetry import Counters
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,24 @@ class Sink(Protocol):
     def write(self, bucket: str, lines: list[str], precision: Precision) -> WriteReport: ...
     def stop_retrying(self) -> None: ...
     def close(self) -> None: ...
+
+
+class Cadence:
+    """Whether each poll finished within one interval of the slot it was scheduled for."""
+
+    def __init__(self, interval_secs: float, start: float) -> None:
+        self.interval_secs = interval_secs
+        self.start = start
+
+    def on_time(self, started: float, finished: float) -> bool:
+        slot = self.start + math.floor((started - self.start) / self.interval_secs + 1e-9) * (
+            self.interval_secs
+        )
+        return finished - slot <= self.interval_secs
+
+    def slots(self, now: float) -> int:
+        """Polls scheduled from start until ``now``."""
+        return max(0, math.floor((now - self.start) / self.interval_secs) + 1)
 
 
 @dataclass
@@ -65,10 +90,26 @@ class Collector:
             if systems is not None
             else [GbfsSystem(system) for system in settings.gbfs.systems]
         )
-        # One encoder per system: its caches are then touched by one thread at a time.
+        # One encoder per job: its caches are then touched by one thread at a time.
         self._encoders = {system.name: Encoder(STATION_STATUS) for system in self.systems}
+        source = settings.pressure
+        self.patients = (
+            [PatientPoller(source, patient) for patient in source.patients] if source.url else []
+        )
+        self._patient_encoders = {
+            p.patient_id: (Encoder(PRESSURE), Encoder(ANOMALY), Encoder(PATIENT))
+            for p in self.patients
+        }
+        self._people: dict[int, Person] = {}
+        self._logged_once: set[tuple[str, str]] = set()
+        self.cadences: dict[str, Cadence] = {}
+        self.batcher: BatchingSink | None = None
         self.fatal: BaseException | None = None
         self.stopped = threading.Event()
+
+    @property
+    def sources(self) -> int:
+        return len(self.systems) + len(self.patients)
 
     # -- one poll
     def poll(self, system: GbfsSystem) -> PollSummary:
@@ -125,6 +166,77 @@ class Collector:
             detail=str(failure),
         )
 
+    # -- pressure
+    def _start_batcher(self) -> BatchingSink:
+        if self.batcher is None:
+            self.batcher = BatchingSink(
+                self.sink,  # type: ignore[arg-type]
+                flush_interval_secs=self.settings.pressure.flush_interval_secs,
+                on_report=self._written,
+                on_fatal=self._fatal,
+            )
+        return self.batcher
+
+    def _written(self, bucket: str, report: WriteReport) -> None:
+        self.counters.add(bucket, "write", "ok", report.written)
+        for failure in report.errors:
+            self.counters.add(bucket, "write", failure.kind)
+
+    def _fatal(self, exc: BaseException) -> None:
+        event(log, logging.CRITICAL, "auth_refused", detail=str(exc))
+        self.fatal = exc
+        self.stopped.set()
+
+    def poll_patient(self, poller: PatientPoller) -> bool:
+        name = poller.name
+        try:
+            reading = poller.poll()
+        except Failure as failure:
+            self.counters.add(name, failure.stage, failure.kind)
+            # Six patients polled three times a second: a log line per failure would bury the
+            # log. The first of each kind is logged; the counters keep the rest.
+            if (name, failure.reason) not in self._logged_once:
+                self._logged_once.add((name, failure.reason))
+                event(
+                    log,
+                    logging.WARNING,
+                    "poll_failed",
+                    source=name,
+                    stage=failure.stage,
+                    error=failure.kind,
+                    reason=failure.reason,
+                    detail=str(failure),
+                    note="logged once per patient and reason",
+                )
+            return False
+        batcher = self._start_batcher()
+        pressure_encoder, anomaly_encoder, person_encoder = self._patient_encoders[
+            poller.patient_id
+        ]
+        pressure_rows, anomaly_rows = pressure.rows(reading)
+        batcher.add(PRESSURE.bucket, PRESSURE.precision, pressure_encoder.lines(pressure_rows)[0])
+        if anomaly_rows:
+            self.counters.add(name, "anomaly", "flagged", len(anomaly_rows))
+            batcher.add(ANOMALY.bucket, ANOMALY.precision, anomaly_encoder.lines(anomaly_rows)[0])
+        if reading.person is not None and self._people.get(poller.patient_id) != reading.person:
+            self._people[poller.patient_id] = reading.person
+            row = pressure.person_row(reading)
+            batcher.add(PATIENT.bucket, PATIENT.precision, person_encoder.lines([row])[0])
+        self.counters.add(name, "fetch", "ok")
+        return True
+
+    def _patient_job(self, poller: PatientPoller) -> None:
+        started = time.time()
+        try:
+            self.poll_patient(poller)
+        except Exception:
+            self.counters.add(poller.name, "poll", "bug")
+            log.exception("poll_crashed", extra={"source": poller.name})
+        cadence = self.cadences.get(poller.name)
+        if cadence is not None:
+            on_time = cadence.on_time(started, time.time())
+            self.counters.add(poller.name, "schedule", "on_time" if on_time else "late")
+
     def _job(self, system: GbfsSystem) -> None:
         try:
             self.poll(system)
@@ -138,16 +250,25 @@ class Collector:
 
     # -- run modes
     def run_once(self) -> list[PollSummary]:
-        """Poll every system once, concurrently, and wait for all writes."""
-        if not self.systems:
+        """Poll every source once, concurrently, and wait for all writes."""
+        if not self.sources:
             return []
-        with _Pool(max_workers=len(self.systems)) as pool:
-            return list(pool.map(self.poll, self.systems))
+        with _Pool(max_workers=self.sources) as pool:
+            summaries = list(pool.map(self.poll, self.systems))
+            results = list(pool.map(self.poll_patient, self.patients))
+        summaries += [
+            PollSummary(p.name, ok, "new" if ok else "failed")
+            for p, ok in zip(self.patients, results, strict=True)
+        ]
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
+        return summaries
 
     def run(self, stop: threading.Event) -> None:
         """Poll on schedule until ``stop`` is set (or credentials are refused)."""
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.systems)))},
+            executors={"default": ThreadPoolExecutor(max_workers=max(1, self.sources))},
             timezone=UTC,
         )
         for system in self.systems:
@@ -162,20 +283,50 @@ class Collector:
                 misfire_grace_time=None,
                 next_run_time=datetime.now(UTC),
             )
+        interval = self.settings.pressure.interval_secs
+        start = time.time() + 0.05
+        for poller in self.patients:
+            self.cadences[poller.name] = Cadence(interval, start)
+            # No jitter: the cadence is the point. Every patient starts on the same slots.
+            scheduler.add_job(
+                self._patient_job,
+                IntervalTrigger(seconds=interval, start_date=datetime.fromtimestamp(start, UTC)),
+                args=(poller,),
+                id=poller.name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+                next_run_time=datetime.fromtimestamp(start, UTC),
+            )
+        if self.patients:
+            self._start_batcher()
         scheduler.start()
-        event(log, logging.INFO, "started", systems=len(self.systems))
+        event(log, logging.INFO, "started", systems=len(self.systems), patients=len(self.patients))
         watcher = threading.Thread(target=lambda: (self.stopped.wait(), stop.set()), daemon=True)
         watcher.start()
         stop.wait()
         self.stopped.set()
         event(log, logging.INFO, "stopping")
         # Let polls in flight finish their writes; past the grace period, end their retries.
-        closer = threading.Thread(target=scheduler.shutdown, kwargs={"wait": True})
+        closer = threading.Thread(target=self._shutdown, args=(scheduler,))
         closer.start()
         closer.join(SHUTDOWN_GRACE_SECS)
         if closer.is_alive():
             self.sink.stop_retrying()
             closer.join()
+        self.close()
+        event(log, logging.INFO, "stopped")
+
+    def _shutdown(self, scheduler: BackgroundScheduler) -> None:
+        scheduler.shutdown(wait=True)
+        if self.batcher is not None:
+            try:
+                self.batcher.close()  # what the patients collected, written
+            except AuthError as exc:
+                self._fatal(exc)
+
+    def close(self) -> None:
         for system in self.systems:
             system.close()
-        event(log, logging.INFO, "stopped")
+        for poller in self.patients:
+            poller.close()

@@ -157,6 +157,31 @@ class GbfsSettings(_Section):
         return systems
 
 
+class PressureSettings(_Section):
+    url: str | None = Field(default=None, description="the insole API; unset = not polled")
+    patients: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    interval_secs: float = Field(default=0.3, ge=0.05, le=3600)
+    store_personal_data: bool = Field(
+        default=False, description="names and birth dates; only into the 'patient' measurement"
+    )
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_secs: float = Field(default=2.0, gt=0, le=60)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    verify_tls: bool = True
+    flush_interval_secs: float = Field(
+        default=1.0, gt=0, le=60, description="readings are written in batches this often"
+    )
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+
+    @field_validator("patients")
+    @classmethod
+    def _unique_patients(cls, patients: list[int]) -> list[int]:
+        if len(set(patients)) != len(patients):
+            raise ValueError("a patient id is listed twice")
+        return patients
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="COLLECTOR_",
@@ -168,6 +193,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     influxdb: InfluxDBSettings = Field(default_factory=InfluxDBSettings)
     gbfs: GbfsSettings = Field(default_factory=GbfsSettings)
+    pressure: PressureSettings = Field(default_factory=PressureSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,1 @@
+"""Stand-ins for the outside APIs, so the stack runs end to end with no account anywhere."""

@@ -1,0 +1,101 @@
+"""Serve a WSGI app with the standard library: a thread per connection, HTTP/1.1 keep-alive.
+
+``wsgiref.simple_server`` answers one request at a time over HTTP/1.0, so one slow patient
+would stall all the others and every poll would open a new connection.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def make_server(app: WsgiApp, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle on, a keep-alive client waits for
+        # the delayed ACK between them (40 ms a request).
+        disable_nagle_algorithm = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _handle(self) -> None:
+            path, _, query = self.path.partition("?")
+            length = int(self.headers.get("Content-Length") or 0)
+            environ = {
+                "REQUEST_METHOD": self.command,
+                "PATH_INFO": path,
+                "QUERY_STRING": query,
+                "SERVER_NAME": host,
+                "SERVER_PORT": str(self.server.server_address[1]),
+                "SERVER_PROTOCOL": self.request_version,
+                "wsgi.input": io.BytesIO(self.rfile.read(length)),
+                "wsgi.errors": sys.stderr,
+                "wsgi.url_scheme": "http",
+                "wsgi.version": (1, 0),
+                "wsgi.multithread": True,
+                "wsgi.multiprocess": False,
+                "wsgi.run_once": False,
+                **{
+                    "HTTP_" + key.upper().replace("-", "_"): value
+                    for key, value in self.headers.items()
+                },
+            }
+            status_headers: list[Any] = []
+
+            def start_response(
+                status: str, headers: list[tuple[str, str]], exc_info: object = None
+            ) -> None:
+                status_headers[:] = [status, headers]
+
+            body = b"".join(app(environ, start_response))
+            status, headers = status_headers
+            try:
+                self.send_response(int(status.split(" ", 1)[0]), status.split(" ", 1)[1])
+                sent_length = False
+                for key, value in headers:
+                    sent_length |= key.lower() == "content-length"
+                    self.send_header(key, value)
+                if not sent_length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+        do_GET = do_HEAD = _handle
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+class Background:
+    """A server running on a thread, for tests and benchmarks: ``with Background(app) as url:``."""
+
+    def __init__(self, app: WsgiApp, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = make_server(app, host, port)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
