@@ -49,9 +49,9 @@ class Patient:
 
 # Names as in the original API (REFERENCE.md section 3); birth years are invented.
 PATIENTS: tuple[Patient, ...] = (
-    Patient(1, "Janek", "Grzegorczyk", "1982", False, "bach", (0.80, 0.12, 0.08)),
+    Patient(1, "Janek", "Grzegorczyk", "1982", False, "bach", (0.65, 0.30, 0.05)),
     Patient(2, "Elżbieta", "Kochalska", "1976", True, "ela", (0.55, 0.25, 0.20)),
-    Patient(3, "Albert", "Lisowski", "1990", False, "albert", (0.10, 0.10, 0.80)),
+    Patient(3, "Albert", "Lisowski", "1990", False, "albert", (0.04, 0.04, 0.92)),
     Patient(4, "Ewelina", "Nosowska", "1969", True, "ewelina", (0.45, 0.30, 0.25)),
     Patient(5, "Piotr", "Fokalski", "1985", False, "piotr", (0.70, 0.20, 0.10)),
     Patient(6, "Bartosz", "Moskalski", "1995", False, "bartosz", (0.75, 0.15, 0.10)),
@@ -135,11 +135,11 @@ class PatientModel:
         """(front, middle, heel) load for one foot at ``phase`` of its stride."""
         if phase >= 0.6:  # swing
             return (0.0, 0.0, 0.0)
-        heel = _ramp(phase, 0.0, 0.06) * (1 - _ramp(phase, 0.30, 0.42))
+        heel = _ramp(phase, 0.0, 0.04) * (1 - _ramp(phase, 0.32, 0.42))
         middle = _ramp(phase, 0.08, 0.2) * (1 - _ramp(phase, 0.42, 0.55))
-        front = _ramp(phase, 0.2, 0.32) * (1 - _ramp(phase, 0.54, 0.6))
-        wobble = 0.85 + 0.3 * _unit(self.seed, self.patient.id, k, side, "w")
-        return (front * 1.3 * wobble, middle * self.middle_peak[side] / FULL, heel * 1.3 * wobble)
+        front = _ramp(phase, 0.14, 0.22) * (1 - _ramp(phase, 0.57, 0.6))
+        wobble = 0.9 + 0.3 * _unit(self.seed, self.patient.id, k, side, "w")
+        return (front * 1.6 * wobble, middle * self.middle_peak[side] / FULL, heel * 1.6 * wobble)
 
     def sample(self, t: float, k: int) -> tuple[list[int], list[bool]]:
         """Six values and flags at time ``t`` (seconds), sample number ``k``."""
@@ -149,15 +149,10 @@ class PatientModel:
             phase = (t / self.stride_secs) % 1.0
             loads = [*self._foot(phase, 0, k), *self._foot((phase + 0.5) % 1.0, 1, k)]
         elif activity == STANDING:
-            sway = [0.9 + 0.2 * _unit(self.seed, self.patient.id, k, i, "s") for i in range(6)]
-            loads = [
-                0.45 * sway[0],
-                0.25 * sway[1],
-                0.9 * sway[2],
-                0.45 * sway[3],
-                0.25 * sway[4],
-                0.9 * sway[5],
-            ]
+            # Both feet loaded, heel and front at or near saturation, middle partial.
+            sway = [0.8 + 0.4 * _unit(self.seed, self.patient.id, k, i, "s") for i in range(6)]
+            loads = [1.15 * sway[0], 0.3 * sway[1], 1.15 * sway[2]]
+            loads += [1.15 * sway[3], 0.3 * sway[4], 1.15 * sway[5]]
         else:
             loads = [-1.0] * 6  # sitting: flat, handled below
         values = []
