@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--anomaly-runs-per-hour", type=float, default=6.0, help="pressure: anomaly runs per hour"
     )
+    simulate.add_argument(
+        "--patients", type=int, default=6, help="pressure: ids 1..N (beyond 6 for load tests)"
+    )
     return parser
 
 
@@ -179,7 +182,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
     logs.configure("INFO")
     if args.api == "pressure":
-        app: object = PressureSimulator(args.seed, anomaly_runs_per_hour=args.anomaly_runs_per_hour)
+        app: object = PressureSimulator(
+            args.seed, anomaly_runs_per_hour=args.anomaly_runs_per_hour, patients=args.patients
+        )
         port = args.port or 9080
     else:
         app = GbfsSimulator(args.seed, stations=args.stations, version=args.gbfs_version)

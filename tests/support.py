@@ -104,9 +104,9 @@ bind-address = "127.0.0.1:{free_port()}"
                 self.proc.wait()
         self.proc = None
 
-    def query(self, q: str, db: str | None = None) -> list[dict[str, Any]]:
-        """InfluxQL; rows of the first statement as dicts (time as epoch seconds)."""
-        params = {"q": q, "epoch": "s"}
+    def query(self, q: str, db: str | None = None, epoch: str = "s") -> list[dict[str, Any]]:
+        """InfluxQL; rows of the first statement as dicts (time in ``epoch`` units)."""
+        params = {"q": q, "epoch": epoch}
         if db:
             params["db"] = db
         resp = requests.post(f"{self.url}/query", data=params, timeout=10)

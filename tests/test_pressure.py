@@ -92,9 +92,9 @@ def test_personal_data_only_when_asked_and_only_in_patient(shared_fixtures: Path
     reading = pressure.parse_reading(_response(row), 2, 5, keep_person=True)
     assert reading.person == pressure.Person("Elżbieta", "Kochalska", "1976", True)
     (line,) = Encoder(PATIENT).lines([pressure.person_row(reading)])[0]
-    assert (
-        line
-        == 'patient,patient_id=2 birthdate="1976",disabled=true,firstname="Elżbieta",lastname="Kochalska" 5'
+    assert line == (
+        'patient,patient_id=2 birthdate="1976",disabled=true,'
+        'firstname="Elżbieta",lastname="Kochalska" 5'
     )
     assert pressure.person_row(pressure.parse_reading(_response(row), 2, 5)) is None
 
@@ -290,7 +290,7 @@ def test_gait_right_foot_half_a_stride_behind() -> None:
     left = [s[2]["value"] for s in heel]
     right = [s[5]["value"] for s in heel]
     # The right heel's curve is the left heel's shifted by half a stride (within a few samples).
-    shift = int(round(stride * 25))
+    shift = round(stride * 25)
     best = min(
         range(len(left)),
         key=lambda d: sum(abs(left[i] - right[(i + d) % len(right)]) for i in range(len(left))),

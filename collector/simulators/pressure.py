@@ -18,6 +18,7 @@ Everything is a pure function of (seed, patient, time), so a seed gives the same
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -180,8 +181,14 @@ class PressureSimulator:
         epoch: float | None = None,
         slow_patients: dict[int, float] | None = None,
         record: bool = False,
+        patients: int = len(PATIENTS),
     ) -> None:
-        self.models = {p.id: PatientModel(p, seed, anomaly_runs_per_hour) for p in PATIENTS}
+        # Beyond the original six (for load tests), ids reuse their profiles in turn.
+        people = [
+            dataclasses.replace(PATIENTS[(i - 1) % len(PATIENTS)], id=i)
+            for i in range(1, patients + 1)
+        ]
+        self.models = {p.id: PatientModel(p, seed, anomaly_runs_per_hour) for p in people}
         self.sample_hz = sample_hz
         self.clock = clock
         # The model's time starts here: the same seed gives the same walk from the start on.
