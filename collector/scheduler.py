@@ -154,8 +154,12 @@ class Collector:
         ok = not (report.rejected or report.failed)
         return PollSummary(name, ok, poll.outcome, report.written)
 
-    def _failed(self, source: str, what: str, failure: Failure) -> None:
+    def _failed(self, source: str, what: str, failure: Failure, *, once: bool = False) -> None:
         self.counters.add(source, failure.stage, failure.kind)
+        if once:
+            if (source, failure.reason) in self._logged_once:
+                return
+            self._logged_once.add((source, failure.reason))
         event(
             log,
             logging.WARNING,
@@ -163,7 +167,9 @@ class Collector:
             source=source,
             stage=failure.stage,
             error=failure.kind,
+            reason=failure.reason if failure.reason != failure.kind else None,
             detail=str(failure),
+            note="logged once per source and reason" if once else None,
         )
 
     # -- pressure
@@ -192,22 +198,9 @@ class Collector:
         try:
             reading = poller.poll()
         except Failure as failure:
-            self.counters.add(name, failure.stage, failure.kind)
-            # Six patients polled three times a second: a log line per failure would bury the
-            # log. The first of each kind is logged; the counters keep the rest.
-            if (name, failure.reason) not in self._logged_once:
-                self._logged_once.add((name, failure.reason))
-                event(
-                    log,
-                    logging.WARNING,
-                    "poll_failed",
-                    source=name,
-                    stage=failure.stage,
-                    error=failure.kind,
-                    reason=failure.reason,
-                    detail=str(failure),
-                    note="logged once per patient and reason",
-                )
+            # Patients are polled several times a second: a log line per failure would bury
+            # the log. The first of each reason is logged; the counters keep the rest.
+            self._failed(name, "poll_failed", failure, once=True)
             return False
         batcher = self._start_batcher()
         pressure_encoder, anomaly_encoder, person_encoder = self._patient_encoders[

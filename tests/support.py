@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from collector.simulators.serve import Background
+from collector.sinks.influxdb import WriteReport
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -150,70 +155,55 @@ class Request:
 
 
 class FeedServer:
-    """Serves scripted replies by path; records every request."""
+    """Serves scripted replies by path and records every request: a WSGI app, served like the
+    simulators (``collector.simulators.serve``)."""
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Request] = []
         self._lock = threading.Lock()
-        server = self
+        self._server = Background(self)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                path, _, query = self.path.partition("?")
-                length = int(self.headers.get("Content-Length") or 0)
-                request = Request(
-                    self.command, path, query, dict(self.headers.items()), self.rfile.read(length)
-                )
-                with server._lock:
-                    server.requests.append(request)
-                route = server.routes.get(path)
-                if route is None:
-                    reply = Reply(404, b'{"error": "not found"}')
-                elif callable(route):
-                    reply = route(request)
-                else:
-                    reply = route
-                if reply.gate is not None:
-                    reply.gate.wait(30)
-                if reply.delay_secs:
-                    time.sleep(reply.delay_secs)
-                try:
-                    self.send_response(reply.status)
-                    for key, value in reply.headers.items():
-                        self.send_header(key, value)
-                    self.send_header("Content-Length", str(len(reply.body)))
-                    self.end_headers()
-                    if reply.body and self.command != "HEAD":
-                        self.wfile.write(reply.body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            do_GET = do_POST = do_HEAD = do_PATCH = do_DELETE = _handle
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        headers = {
+            key[5:].replace("_", "-").title(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        }
+        request = Request(
+            environ["REQUEST_METHOD"],
+            environ["PATH_INFO"],
+            environ["QUERY_STRING"],
+            headers,
+            environ["wsgi.input"].read(),
         )
+        with self._lock:
+            self.requests.append(request)
+        route = self.routes.get(request.path)
+        if route is None:
+            reply = Reply(404, b'{"error": "not found"}')
+        elif callable(route):
+            reply = route(request)
+        else:
+            reply = route
+        if reply.gate is not None:
+            reply.gate.wait(30)
+        if reply.delay_secs:
+            time.sleep(reply.delay_secs)  # the server under test is slow on purpose
+        phrase = HTTPStatus(reply.status).phrase
+        start_response(f"{reply.status} {phrase}", list(reply.headers.items()))
+        return [reply.body]
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return self._server.url
 
     def start(self) -> FeedServer:
-        self.thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._server.stop()
 
     def hits(self, path: str) -> int:
         with self._lock:
@@ -228,3 +218,59 @@ class FeedServer:
             )
             self.routes[f"{prefix}/{file.name}"] = Reply(200, body)
         return f"{self.url}{prefix}/gbfs.json"
+
+
+class MemorySink:
+    """A sink that keeps every line it is given, for tests of what the collector hands over."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def write(self, bucket: str, lines: Sequence[str], precision: str) -> WriteReport:
+        with self._lock:
+            self.written.extend((bucket, line) for line in lines)
+        return WriteReport(written=len(lines))
+
+    def lines(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return [line for _, line in self.written if line.startswith(prefix)]
+
+    def stop_retrying(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_cli(*args: str, config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``collector ARGS --config CONFIG`` in a child process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "collector.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_until_sigterm(
+    config: Path, condition: Callable[[], Any], what: str, timeout: float = 30
+) -> str:
+    """``collector run`` until ``condition`` holds, then SIGTERM: it must exit 0 within 10 s
+    (Docker's grace period). Returns what it logged."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", "run", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(condition, timeout=timeout, what=what)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "Traceback" not in stderr
+    return stderr

@@ -7,8 +7,6 @@ parser, and compared with what the server returns for every station.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,21 +14,11 @@ from typing import Any
 import pytest
 
 from collector.contract import STATION_STATUS
-from tests.support import DATA, FeedServer, InfluxD, Reply
+from tests.support import DATA, FeedServer, InfluxD, Reply, run_cli
 
 pytestmark = pytest.mark.influxdb
 
 BUCKET = STATION_STATUS.bucket
-
-
-def _collector(*args: str, config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "collector.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _serve_json(feeds: FeedServer, path: str, body: bytes) -> str:
@@ -158,11 +146,11 @@ station_information_url = "{feeds.url}/velib/station_information.json"
 station_status_url = "{feeds.url}/velib/station_status.json"
 """,
     )
-    setup = _collector("setup", config=config)
+    setup = run_cli("setup", config=config)
     assert setup.returncode == 0, setup.stderr
     assert "database bikes:" in setup.stdout
     started = int(time.time())
-    run = _collector("run", "--once", config=config)
+    run = run_cli("run", "--once", config=config)
     finished = int(time.time())
     assert run.returncode == 0, run.stderr
 
@@ -237,8 +225,8 @@ station_information_url = "{feeds.url}/nyc/station_information.json"
 station_status_url = "{feeds.url}/nyc/station_status.json"
 """,
     )
-    assert _collector("setup", config=config).returncode == 0
-    run = _collector("run", "--once", config=config)
+    assert run_cli("setup", config=config).returncode == 0
+    run = run_cli("run", "--once", config=config)
     assert run.returncode == 0, run.stderr
     stored = _stored(influxd, "nyc-escaping")
     assert set(stored) == {"72", "79", "82", "3255"}
@@ -258,8 +246,8 @@ station_status_url = "{feeds.url}/nyc/station_status.json"
 
 def test_setup_is_idempotent(tmp_path: Path, influxd: InfluxD) -> None:
     config = _config(tmp_path, influxd, "")
-    first = _collector("setup", config=config)
-    second = _collector("setup", config=config)
+    first = run_cli("setup", config=config)
+    second = run_cli("setup", config=config)
     assert first.returncode == second.returncode == 0
     assert "database bikes: exists" in second.stdout
     assert BUCKET in {row["name"] for row in influxd.query("SHOW DATABASES")}
@@ -279,6 +267,6 @@ name = "oslo"
 url = "{feeds.url}/v2.3/gbfs.json"
 """
     )
-    run = _collector("run", "--once", "--dry-run", config=config)
+    run = run_cli("run", "--once", "--dry-run", config=config)
     assert run.returncode == 0, run.stderr
     assert run.stdout == (folder / "expected.lp").read_text()

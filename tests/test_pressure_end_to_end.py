@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from collector import settings as settings_module
-from collector.contract import SENSORS, Precision
+from collector.contract import SENSORS
 from collector.scheduler import Collector
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
-from collector.sinks.influxdb import WriteReport
-from tests.support import InfluxD, wait_for
+from tests.support import InfluxD, MemorySink, run_until_sigterm, wait_for
 
 PATIENTS = (1, 2, 3, 5)
 
@@ -53,23 +50,12 @@ def test_every_served_sample_is_stored_and_anomalies_kept(tmp_path: Path, influx
         )
         cli = [sys.executable, "-m", "collector.cli"]
         subprocess.run([*cli, "setup", "--config", str(config)], check=True, capture_output=True)
-        proc = subprocess.Popen(
-            [*cli, "run", "--config", str(config)], stderr=subprocess.PIPE, text=True
+        # Run until every patient has had 20 responses served, then stop it.
+        run_until_sigterm(
+            config,
+            lambda: all(sum(1 for p, _ in sim.served if p == pid) >= 20 for pid in PATIENTS),
+            what="20 readings per patient",
         )
-        try:
-            # Run until every patient has had 20 responses served, then stop it.
-            wait_for(
-                lambda: all(sum(1 for p, _ in sim.served if p == pid) >= 20 for pid in PATIENTS),
-                timeout=30,
-                what="20 readings per patient",
-            )
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        stderr = proc.stderr.read() if proc.stderr else ""
-    assert "Traceback" not in stderr
 
     served: dict[str, list[dict[str, tuple]]] = defaultdict(list)
     for patient, body in sim.served:
@@ -96,28 +82,8 @@ def test_every_served_sample_is_stored_and_anomalies_kept(tmp_path: Path, influx
     assert not influxd.query('SHOW MEASUREMENTS WITH MEASUREMENT = "patient"', "pressure")
 
 
-class CountingSink:
-    def __init__(self) -> None:
-        self.lines: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-
-    def write(self, bucket: str, lines: Sequence[str], precision: Precision) -> WriteReport:
-        with self._lock:
-            for line in lines:
-                if line.startswith("pressure,"):
-                    patient = line.split("patient_id=")[1].split(",")[0]
-                    self.lines[patient] += 1
-        return WriteReport(written=len(lines))
-
-    def readings(self, patient: int) -> int:
-        with self._lock:
-            return self.lines[str(patient)] // len(SENSORS)
-
-    def stop_retrying(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def _readings_of(sink: MemorySink, patient: int) -> int:
+    return len(sink.lines(f"pressure,foot=left,patient_id={patient},sensor=L0 "))
 
 
 def test_a_slow_patient_does_not_slow_the_others(tmp_path: Path) -> None:
@@ -128,14 +94,14 @@ def test_a_slow_patient_does_not_slow_the_others(tmp_path: Path) -> None:
             f'[pressure]\nurl = "{url}"\npatients = [1, 2, 3]\ninterval_secs = 0.3\n'
             "timeout_secs = 5\nflush_interval_secs = 0.2\n"
         )
-        sink = CountingSink()
+        sink = MemorySink()
         collector = Collector(settings_module.load(path), sink)
         stop = threading.Event()
         runner = threading.Thread(target=collector.run, args=(stop,))
         runner.start()
         try:
             wait_for(
-                lambda: min(sink.readings(1), sink.readings(3)) >= 10,
+                lambda: min(_readings_of(sink, 1), _readings_of(sink, 3)) >= 10,
                 timeout=20,
                 what="10 readings",
             )
@@ -148,5 +114,5 @@ def test_a_slow_patient_does_not_slow_the_others(tmp_path: Path) -> None:
         late = counters.get(fast, "schedule", "late")
         assert on_time >= 10 and late <= 1, (fast, on_time, late)
     # The slow one answered at most twice in that time, and its lateness is its own.
-    assert sink.readings(2) <= 2
+    assert _readings_of(sink, 2) <= 2
     assert counters.get("patient-2", "schedule", "late") <= 2

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from collector import cli
 from collector.settings import ConfigError, load
-from tests.support import DATA, ROOT, FeedServer, InfluxD, free_port
+from tests.support import DATA, ROOT, FeedServer, InfluxD, free_port, run_cli
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -121,12 +119,7 @@ name = "down"
 url = "http://127.0.0.1:{free_port()}/gbfs.json"
 """,
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "collector.cli", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_cli("check", config=path)
     assert proc.returncode == 1  # one system is down
     out = proc.stdout
     assert f"influxdb: v1 {influxd.url} ... ok (version 1." in out

@@ -71,7 +71,7 @@ def make_server(app: WsgiApp, host: str = "127.0.0.1", port: int = 0) -> Threadi
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
 
-        do_GET = do_HEAD = _handle
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
@@ -92,10 +92,16 @@ class Background:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> str:
+    def start(self) -> str:
         self._thread.start()
         return self.url
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
