@@ -359,3 +359,37 @@ def test_gbfs_rush_hour_moves_bikes_to_work() -> None:
     after = sum(s.bikes for s in work) / sum(s.capacity for s in work)
     assert after > before + 0.05, (before, after)
     assert not math.isnan(after)
+
+
+def test_unknown_patient_and_bad_input_are_counted_every_time_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from collector import settings as settings_module
+    from collector.scheduler import Collector
+    from tests.support import FeedServer, MemorySink, Reply
+
+    feeds = FeedServer().start()
+    feeds.routes["/2"] = Reply(200, b"<html>oops</html>")
+    with Background(PressureSimulator(1)) as url:
+        feeds.routes["/1"] = lambda _r: Reply(200, requests.get(f"{url}/1", timeout=5).content)
+        path = tmp_path / "c.toml"
+        path.write_text(f'[pressure]\nurl = "{feeds.url}"\npatients = [1, 2, 9]\n')
+        sink = MemorySink()
+        collector = Collector(settings_module.load(path), sink)
+        by_id = {p.patient_id: p for p in collector.patients}
+        with caplog.at_level("WARNING"):
+            for _ in range(3):
+                assert collector.poll_patient(by_id[1]) is True
+                assert collector.poll_patient(by_id[2]) is False
+                assert collector.poll_patient(by_id[9]) is False
+        collector.batcher.close()
+    feeds.stop()
+    counters = collector.counters
+    assert counters.get("patient-1", "fetch", "ok") == 3
+    assert counters.get("patient-2", "parse", "not_json") == 3
+    assert counters.get("patient-9", "fetch", "http_4xx") == 3  # 404: no such patient
+    failed = [(r.source, r.error) for r in caplog.records if r.getMessage() == "poll_failed"]
+    assert sorted(failed) == [("patient-2", "not_json"), ("patient-9", "http_4xx")]
+    # Patient 1's three readings all arrived, untouched by the others' failures.
+    assert len(sink.lines("pressure,foot=left,patient_id=1,sensor=L0 ")) == 3
+    assert not sink.lines("pressure,foot=left,patient_id=2,")
