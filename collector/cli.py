@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from collector import __version__, logs, settings
-from collector.contract import MEASUREMENTS
 from collector.http import redact_url
 from collector.retry import Failure
 from collector.scheduler import Collector
@@ -86,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: settings.Settings, args: argparse.Namespace) -> int:
-    sink = StdoutSink() if args.dry_run else make_writer(config.influxdb)
+    sink = (
+        StdoutSink()
+        if args.dry_run
+        else make_writer(config.influxdb, bucket_names=config.buckets.names())
+    )
     collector = Collector(config, sink)
     if not collector.sources:
         print(
@@ -121,17 +124,14 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
 
 
 def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
-    writer = make_writer(config.influxdb)
+    from collector.provision.influxdb import setup
+
     try:
-        for bucket in sorted({m.bucket for m in MEASUREMENTS}):
-            created = writer.ensure_bucket(bucket)
-            what = "bucket" if writer.api == "v2" else "database"
-            print(f"{what} {bucket}: {'created' if created else 'exists'}")
+        for step in setup(config):
+            print(step)
     except Failure as failure:
         print(f"collector: setup failed: {failure}", file=sys.stderr)
         return EXIT_FAILURES
-    finally:
-        writer.close()
     return EXIT_OK
 
 

@@ -101,4 +101,69 @@ PATIENT = Measurement(
     description="Who a patient is, as the API says; only with store_personal_data = true.",
 )
 
+COLLECTOR_BUCKET = "collector"  # the collector's own metrics
+BIKES_1H_BUCKET = "bikes_1h"
+PRESSURE_1M_BUCKET = "pressure_1m"
+
+# Every bucket, with its default retention in hours (0 = forever); settings may change both
+# names and retentions.
+BUCKETS: dict[str, float] = {
+    BIKES_BUCKET: 30 * 24,
+    PRESSURE_BUCKET: 24,  # InfluxDB's minimum is 1 hour
+    ANOMALIES_BUCKET: 0,  # anomalies are kept forever
+    COLLECTOR_BUCKET: 7 * 24,
+    BIKES_1H_BUCKET: 2 * 365 * 24,
+    PRESSURE_1M_BUCKET: 90 * 24,
+}
+
+
+@dataclass(frozen=True)
+class Downsample:
+    """``functions`` of ``fields`` of ``source`` per ``every``, into ``target``.
+
+    Target fields are named ``<field>_<function>``; the tags are kept. InfluxDB 2 runs it as
+    a task, InfluxDB 1 as a continuous query, both generated from this.
+    """
+
+    source: Measurement
+    target: Measurement
+    every: str  # a duration literal valid in both Flux and InfluxQL: "1h", "1m"
+    fields: tuple[str, ...]
+    functions: tuple[str, ...]
+
+    @property
+    def target_fields(self) -> tuple[str, ...]:
+        return tuple(f"{field}_{fn}" for field in self.fields for fn in self.functions)
+
+
+_COUNTS = ("bikes_available", "docks_available", "ebikes_available")
+
+STATION_STATUS_1H = Measurement(
+    bucket=BIKES_1H_BUCKET,
+    name="station_status",
+    tags=STATION_STATUS.tags,
+    fields={
+        f"{field}_{fn}": "float" if fn == "mean" else "integer"
+        for field in sorted(_COUNTS)
+        for fn in ("max", "mean", "min")
+    },
+    precision="s",
+    description="Hourly mean, min and max of the station counts, kept for years.",
+)
+
+PRESSURE_1M = Measurement(
+    bucket=PRESSURE_1M_BUCKET,
+    name="pressure",
+    tags=PRESSURE.tags,
+    fields={"value_max": "integer", "value_mean": "float"},
+    precision="s",
+    description="Per-minute mean and max of each sensor, kept beyond the raw retention.",
+)
+
+DOWNSAMPLES: tuple[Downsample, ...] = (
+    Downsample(STATION_STATUS, STATION_STATUS_1H, "1h", _COUNTS, ("mean", "min", "max")),
+    Downsample(PRESSURE, PRESSURE_1M, "1m", ("value",), ("mean", "max")),
+)
+
+# What the collector writes (an encoder is compiled for each).
 MEASUREMENTS: tuple[Measurement, ...] = (STATION_STATUS, PRESSURE, ANOMALY, PATIENT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -27,6 +27,16 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
+)
+
+from collector.contract import (
+    ANOMALIES_BUCKET,
+    BIKES_1H_BUCKET,
+    BIKES_BUCKET,
+    BUCKETS,
+    COLLECTOR_BUCKET,
+    PRESSURE_1M_BUCKET,
+    PRESSURE_BUCKET,
 )
 
 CONFIG_ENV = "COLLECTOR_CONFIG"
@@ -182,6 +192,67 @@ class PressureSettings(_Section):
         return patients
 
 
+class BucketSettings(_Section):
+    name: Name
+    retention_hours: float = Field(ge=0, description="0 = forever; else at least 1 (InfluxDB)")
+
+    @field_validator("retention_hours")
+    @classmethod
+    def _at_least_an_hour(cls, hours: float) -> float:
+        if 0 < hours < 1:
+            raise ValueError("InfluxDB keeps data at least 1 hour: use 0 (forever) or >= 1")
+        return hours
+
+
+def _bucket(logical: str) -> Any:
+    return Field(
+        default_factory=lambda: BucketSettings(name=logical, retention_hours=BUCKETS[logical])
+    )
+
+
+class BucketsSettings(_Section):
+    """Name and retention of each bucket (v2) or database (v1), by its name in the contract."""
+
+    bikes: BucketSettings = _bucket(BIKES_BUCKET)
+    pressure: BucketSettings = _bucket(PRESSURE_BUCKET)
+    anomalies: BucketSettings = _bucket(ANOMALIES_BUCKET)
+    collector: BucketSettings = _bucket(COLLECTOR_BUCKET)
+    bikes_1h: BucketSettings = _bucket(BIKES_1H_BUCKET)
+    pressure_1m: BucketSettings = _bucket(PRESSURE_1M_BUCKET)
+
+    def of(self, logical: str) -> BucketSettings:
+        bucket: BucketSettings = getattr(self, logical)
+        return bucket
+
+    def names(self) -> dict[str, str]:
+        """Contract name -> configured name."""
+        return {logical: self.of(logical).name for logical in BUCKETS}
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        names = list(self.names().values())
+        if len(set(names)) != len(names):
+            raise ValueError("two buckets have the same name")
+        return self
+
+
+class SetupSettings(_Section):
+    """What ``collector setup`` creates besides buckets."""
+
+    writer_token_file: Path | None = Field(
+        default=None, description="v2: write-only token for the collector, created once"
+    )
+    reader_token_file: Path | None = Field(
+        default=None, description="v2: read-only token for Grafana, created once"
+    )
+    task_offset_secs: int = Field(
+        default=300, ge=0, le=3600, description="downsampling runs this late, for late data"
+    )
+    v1_retention_policy: str = Field(
+        default="autogen", description="v1: the default retention policy given each duration"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="COLLECTOR_",
@@ -194,6 +265,8 @@ class Settings(BaseSettings):
     influxdb: InfluxDBSettings = Field(default_factory=InfluxDBSettings)
     gbfs: GbfsSettings = Field(default_factory=GbfsSettings)
     pressure: PressureSettings = Field(default_factory=PressureSettings)
+    buckets: BucketsSettings = Field(default_factory=BucketsSettings)
+    setup: SetupSettings = Field(default_factory=SetupSettings)
 
     @classmethod
     def settings_customise_sources(

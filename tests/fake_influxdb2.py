@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class FakeInfluxDB2:
     org_id: str = "0a1b2c3d4e5f6071"
     max_lines: int | None = None  # above this, answer 413 like a server's max body size
     buckets: dict[str, dict] = field(default_factory=dict)
+    dbrps: list[dict] = field(default_factory=list)
+    tasks: list[dict] = field(default_factory=list)
+    authorizations: list[dict] = field(default_factory=list)
     writes: list[Write] = field(default_factory=list)
     script: deque[Reply] = field(default_factory=deque)  # replies for the next write requests
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -48,6 +52,11 @@ class FakeInfluxDB2:
         routes["/api/v2/write"] = self._write
         routes["/api/v2/orgs"] = self._authorized(self._orgs)
         routes["/api/v2/buckets"] = self._authorized(self._buckets)
+        routes["/api/v2/buckets/"] = self._authorized(self._bucket)
+        routes["/api/v2/dbrps"] = self._authorized(self._dbrps)
+        routes["/api/v2/tasks"] = self._authorized(self._tasks)
+        routes["/api/v2/tasks/"] = self._authorized(self._task)
+        routes["/api/v2/authorizations"] = self._authorized(self._authorizations)
 
     def start(self) -> FakeInfluxDB2:
         self.server.start()
@@ -150,3 +159,102 @@ class FakeInfluxDB2:
         return Reply(
             200, json.dumps({"buckets": found}).encode(), {"Content-Type": "application/json"}
         )
+
+    # -- set-up endpoints, as documented in the InfluxDB 2 API reference
+    @staticmethod
+    def _json(status: int, doc: object) -> Reply:
+        return Reply(status, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+
+    def _new_id(self) -> str:
+        return f"{next(self._ids):016x}"
+
+    def _bucket(self, request: Request) -> Reply:
+        bucket_id = request.path.rsplit("/", 1)[1]
+        bucket = next((b for b in self.buckets.values() if b["id"] == bucket_id), None)
+        if bucket is None:
+            return self._error(404, "not found", "bucket not found")
+        if request.method != "PATCH":
+            return self._json(200, bucket)
+        patch = json.loads(request.body)
+        for rule in patch.get("retentionRules", []):
+            if rule.get("type") != "expire" or rule.get("everySeconds", 0) < 3600:
+                return self._error(422, "unprocessable entity", "retention policy is invalid")
+        with self._lock:
+            bucket["retentionRules"] = patch.get("retentionRules", bucket["retentionRules"])
+        return self._json(200, bucket)
+
+    def _dbrps(self, request: Request) -> Reply:
+        if request.method == "POST":
+            doc = json.loads(request.body)
+            required = {"orgID", "bucketID", "database", "retention_policy"}
+            if not required <= doc.keys() or doc["orgID"] != self.org_id:
+                return self._error(400, "invalid", f"dbrp needs {sorted(required)}")
+            mapping = {"id": self._new_id(), "default": doc.get("default", False), **doc}
+            with self._lock:
+                self.dbrps.append(mapping)
+            return self._json(201, mapping)
+        query = {k: v[0] for k, v in parse_qs(request.query).items()}
+        if query.get("orgID") != self.org_id:
+            return self._error(400, "invalid", "orgID is required")
+        found = [d for d in self.dbrps if d["database"] == query.get("db", d["database"])]
+        return self._json(200, {"content": found})
+
+    def _tasks(self, request: Request) -> Reply:
+        if request.method == "POST":
+            doc = json.loads(request.body)
+            if doc.get("orgID") != self.org_id or "flux" not in doc:
+                return self._error(400, "invalid", "task needs orgID and flux")
+            match = re.search(r'option task = \{name: "([^"]+)"', doc["flux"])
+            if match is None:
+                return self._error(400, "invalid", "flux has no option task with a name")
+            task = {
+                "id": self._new_id(),
+                "orgID": self.org_id,
+                "name": match.group(1),
+                "flux": doc["flux"],
+                "status": doc.get("status", "active"),
+            }
+            with self._lock:
+                self.tasks.append(task)
+            return self._json(201, task)
+        query = {k: v[0] for k, v in parse_qs(request.query).items()}
+        found = [t for t in self.tasks if t["name"] == query.get("name", t["name"])]
+        return self._json(200, {"tasks": found})
+
+    def _task(self, request: Request) -> Reply:
+        task_id = request.path.rsplit("/", 1)[1]
+        task = next((t for t in self.tasks if t["id"] == task_id), None)
+        if task is None:
+            return self._error(404, "not found", "task not found")
+        if request.method == "PATCH":
+            with self._lock:
+                task.update(
+                    {k: v for k, v in json.loads(request.body).items() if k in ("flux", "status")}
+                )
+        return self._json(200, task)
+
+    def _authorizations(self, request: Request) -> Reply:
+        if request.method != "POST":
+            return self._json(200, {"authorizations": self.authorizations})
+        doc = json.loads(request.body)
+        bucket_ids = {b["id"] for b in self.buckets.values()}
+        for permission in doc.get("permissions", []):
+            resource = permission.get("resource", {})
+            if (
+                permission.get("action") not in ("read", "write")
+                or resource.get("id") not in bucket_ids
+            ):
+                return self._error(400, "invalid", f"bad permission {permission}")
+        if doc.get("orgID") != self.org_id or not doc.get("permissions"):
+            return self._error(400, "invalid", "authorization needs orgID and permissions")
+        auth = {
+            "id": self._new_id(),
+            "token": f"tok-{next(self._ids)}-secret",
+            "status": "active",
+            "orgID": self.org_id,
+            "description": doc.get("description", ""),
+            "permissions": doc["permissions"],
+        }
+        with self._lock:
+            self.authorizations.append(auth)
+        return self._json(201, auth)

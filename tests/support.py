@@ -180,6 +180,9 @@ class FeedServer:
         with self._lock:
             self.requests.append(request)
         route = self.routes.get(request.path)
+        if route is None:  # "/api/v2/buckets/" answers "/api/v2/buckets/<id>"
+            prefixes = [p for p in self.routes if p.endswith("/") and request.path.startswith(p)]
+            route = self.routes[max(prefixes, key=len)] if prefixes else None
         if route is None:
             reply = Reply(404, b'{"error": "not found"}')
         elif callable(route):

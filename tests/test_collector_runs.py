@@ -74,7 +74,7 @@ def test_bad_feeds_are_counted_and_good_data_still_arrives(
         f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\n' + "\n".join(systems), tmp_path
     )
     writer = InfluxV1Writer(config.influxdb)
-    writer.ensure_bucket("bikes")
+    influxd.query('CREATE DATABASE "bikes"')
     influxd.query("DELETE FROM station_status", "bikes")
     collector = Collector(config, writer)
     with caplog.at_level(logging.INFO):
@@ -151,6 +151,7 @@ def test_sigterm_stops_cleanly_after_writing(
     config = tmp_path / "c.toml"
     config.write_text(
         f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\n\n'
+        '[buckets.bikes]\nname = "bikes"\nretention_hours = 0  # the fixture is from 2023\n\n'
         f'[[gbfs.systems]]\nname = "sigterm"\nurl = "{url}"\ninterval_secs = 1\n'
     )
     subprocess.run(

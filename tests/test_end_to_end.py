@@ -60,6 +60,11 @@ url = "{influxd.url}"
 api = "v1"
 max_retries = 0
 
+# The fixtures are years old: keep them, or the 30-day default rejects them.
+[buckets.bikes]
+name = "bikes"
+retention_hours = 0
+
 {systems}
 """
     )
@@ -249,7 +254,7 @@ def test_setup_is_idempotent(tmp_path: Path, influxd: InfluxD) -> None:
     first = run_cli("setup", config=config)
     second = run_cli("setup", config=config)
     assert first.returncode == second.returncode == 0
-    assert "database bikes: exists" in second.stdout
+    assert "database bikes: unchanged" in second.stdout
     assert BUCKET in {row["name"] for row in influxd.query("SHOW DATABASES")}
 
 

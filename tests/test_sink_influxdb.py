@@ -158,12 +158,19 @@ def test_slow_server_times_out(influx2: FakeInfluxDB2) -> None:
     assert report.errors[0].kind == "timeout"
 
 
-def test_v2_ensure_bucket_creates_once(influx2: FakeInfluxDB2) -> None:
-    writer = _v2(influx2, [])
-    assert writer.ensure_bucket("pressure") is True
-    assert writer.ensure_bucket("pressure") is False
-    assert influx2.buckets["pressure"]["orgID"] == influx2.org_id
-    assert writer.ping() == "v2.7.12"
+def test_v2_ping_reports_the_version(influx2: FakeInfluxDB2) -> None:
+    assert _v2(influx2, []).ping() == "v2.7.12"
+
+
+def test_v2_points_beyond_retention_422_counted_not_retried(influx2: FakeInfluxDB2) -> None:
+    message = b'{"code":"unprocessable entity","message":"failure writing points to database: '
+    message += b'partial write: points beyond retention policy dropped=2"}'
+    influx2.script.append(Reply(422, message))
+    sleeps: list[float] = []
+    report = _v2(influx2, sleeps).write("bikes", LINES, "s")
+    assert (report.written, report.rejected, report.failed) == (3, 2, 0)
+    assert report.errors[0].reason == "beyond_retention"
+    assert sleeps == []
 
 
 # --------------------------------------------------------------------------------- v1
@@ -218,8 +225,7 @@ def test_v1_statuses(feeds: FeedServer) -> None:
 def test_v1_real_server_write_and_ensure_database(influxd: InfluxD) -> None:
     writer = _v1(influxd.url, [])
     assert writer.ping().startswith("1.")
-    writer.ensure_bucket("sinktest")
-    assert writer.ensure_bucket("sinktest") is False
+    influxd.query('CREATE DATABASE "sinktest"')
     report = writer.write("sinktest", LINES, "s")
     assert report.written == 5
     rows = influxd.query("SELECT bikes_available, station_id FROM station_status", "sinktest")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +66,23 @@ def _server_message(body: bytes | str | None) -> str:
     return text.strip()[:300]
 
 
+# 1.x answers 400, 2.x 422; the points not named were written.
+_BEYOND_RETENTION = re.compile(r"points beyond retention policy dropped=(\d+)")
+
+
+def _beyond_retention(failure: Failure) -> int | None:
+    if failure.status not in (400, 422):
+        return None
+    match = _BEYOND_RETENTION.search(str(failure))
+    return int(match.group(1)) if match else None
+
+
 class InfluxWriter:
-    """Writes batches of lines; subclasses send one encoded batch."""
+    """Writes batches of lines; subclasses send one encoded batch.
+
+    ``bucket`` arguments are the contract's names; ``bucket_names`` maps them to the
+    configured ones.
+    """
 
     api = ""
 
@@ -74,9 +90,11 @@ class InfluxWriter:
         self,
         settings: InfluxDBSettings,
         *,
+        bucket_names: Mapping[str, str] | None = None,
         sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.settings = settings
+        self._names = dict(bucket_names or {})
         self._stopping = threading.Event()
         self._sleep = sleep or self._stopping.wait
         self._backoff = Backoff(settings.retry_base_secs, settings.retry_max_secs)
@@ -89,10 +107,6 @@ class InfluxWriter:
         """The server's version; raises Failure when it cannot be reached."""
         raise NotImplementedError
 
-    def ensure_bucket(self, bucket: str) -> bool:
-        """Create ``bucket`` (v2) or database (v1) when missing; True when it was created."""
-        raise NotImplementedError
-
     def close(self) -> None:
         self._stopping.set()
 
@@ -102,6 +116,7 @@ class InfluxWriter:
         self._stopping.set()
 
     def write(self, bucket: str, lines: Sequence[str], precision: Precision) -> WriteReport:
+        bucket = self._names.get(bucket, bucket)
         report = WriteReport()
         size = self.settings.batch_lines
         for start in range(0, len(lines), size):
@@ -125,6 +140,9 @@ class InfluxWriter:
                         f"(HTTP {failure.status}) writing to {bucket!r}: check the token, its "
                         f"write permission on the bucket, and org {self.settings.org!r}"
                     ) from None
+                dropped = _beyond_retention(failure)
+                if dropped is not None:
+                    return self._beyond(bucket, lines, failure, dropped)
                 if failure.kind == "too_large" and len(lines) > 1:
                     middle = len(lines) // 2
                     event(log, logging.INFO, "write_split", bucket=bucket, lines=len(lines))
@@ -159,6 +177,30 @@ class InfluxWriter:
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
             )
             return WriteReport(written=len(lines))
+
+    def _beyond(
+        self, bucket: str, lines: Sequence[str], failure: Failure, dropped: int
+    ) -> WriteReport:
+        """Points older than the retention period: the server kept the others; a retry of
+        the old ones can only fail again."""
+        dropped = min(dropped, len(lines))
+        event(
+            log,
+            logging.WARNING,
+            "write_beyond_retention",
+            bucket=bucket,
+            lines=len(lines),
+            dropped=dropped,
+            detail=str(failure),
+        )
+        rejected = Failure(
+            "rejected",
+            str(failure),
+            stage="write",
+            status=failure.status,
+            reason="beyond_retention",
+        )
+        return WriteReport(written=len(lines) - dropped, rejected=dropped, errors=[rejected])
 
     def _give_up(
         self, bucket: str, lines: Sequence[str], failure: Failure, attempts: int
@@ -250,16 +292,6 @@ class InfluxV1Writer(InfluxWriter):
         self._check(resp, (204,))
         return resp.headers.get("X-Influxdb-Version", "1.x")
 
-    def ensure_bucket(self, bucket: str) -> bool:
-        results = self.query("SHOW DATABASES")
-        series = results[0].get("series", []) if results else []
-        existing = {row[0] for s in series for row in s.get("values", [])}
-        if bucket in existing:
-            return False
-        # Identifiers are double-quoted so that names with dashes work.
-        self.query(f'CREATE DATABASE "{bucket}"')
-        return True
-
 
 class InfluxV2Writer(InfluxWriter):
     """InfluxDB 2.x through influxdb-client's generated write service."""
@@ -284,6 +316,14 @@ class InfluxV2Writer(InfluxWriter):
     def close(self) -> None:
         super().close()
         self._client.close()
+
+    @property
+    def client(self) -> InfluxDBClient:
+        return self._client
+
+    def call(self, what: str, func: Callable[[], Any]) -> Any:
+        """Run an influxdb-client call, its failures classified as ours."""
+        return self._call(what, func)
 
     def _call(self, what: str, func: Callable[[], Any]) -> Any:
         try:
@@ -323,16 +363,6 @@ class InfluxV2Writer(InfluxWriter):
 
     def ping(self) -> str:
         return str(self._call("ping", self._client.version))
-
-    def ensure_bucket(self, bucket: str) -> bool:
-        buckets = self._client.buckets_api()
-        if self._call("find bucket", lambda: buckets.find_bucket_by_name(bucket)) is not None:
-            return False
-        self._call(
-            "create bucket",
-            lambda: buckets.create_bucket(bucket_name=bucket, org=self.settings.org),
-        )
-        return True
 
 
 def make_writer(settings: InfluxDBSettings, **kwargs: Any) -> InfluxWriter:

@@ -1,0 +1,397 @@
+"""``collector setup``: buckets with retention, downsampling, scoped tokens; safe to run on
+every start (each step says created, updated, unchanged or kept).
+
+InfluxDB 2.x: the organization must exist; each bucket with its retention (and a shard group
+duration that keeps expired data from lingering), a downsampling task per ``DOWNSAMPLES``
+entry, a DBRP mapping per bucket so InfluxQL works too, a write-only token for the collector
+and a read-only one for Grafana, written to files once (2.9 stores tokens hashed: a token can
+only be read when it is created).
+
+InfluxDB 1.x: a database per bucket whose default retention policy has the bucket's duration,
+and a continuous query per ``DOWNSAMPLES`` entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from influxdb_client import (
+    Authorization,
+    BucketRetentionRules,
+    Permission,
+    PermissionResource,
+    TaskCreateRequest,
+    TaskUpdateRequest,
+)
+from influxdb_client.domain.dbrp_create import DBRPCreate
+from influxdb_client.service.dbr_ps_service import DBRPsService
+
+from collector.contract import (
+    ANOMALIES_BUCKET,
+    BIKES_BUCKET,
+    BUCKETS,
+    COLLECTOR_BUCKET,
+    DOWNSAMPLES,
+    PRESSURE_BUCKET,
+    Downsample,
+)
+from collector.retry import Failure
+from collector.settings import Settings
+from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer
+
+Outcome = Literal["created", "updated", "unchanged", "kept"]
+
+# The collector writes these; Grafana reads all.
+WRITTEN_BUCKETS = (BIKES_BUCKET, PRESSURE_BUCKET, ANOMALIES_BUCKET, COLLECTOR_BUCKET)
+NAME_PREFIX = "livestack"
+
+
+@dataclass(frozen=True)
+class Step:
+    what: str
+    name: str
+    outcome: Outcome
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.name}: {self.outcome}" + (
+            f" ({self.detail})" if self.detail else ""
+        )
+
+
+def shard_hours(retention_hours: float) -> int:
+    """InfluxDB's own defaults: data is deleted a whole shard group at a time, so it lives up
+    to retention + shard duration; short retentions need short shards."""
+    if retention_hours == 0 or retention_hours > 180 * 24:
+        return 7 * 24
+    return 1 if retention_hours < 48 else 24
+
+
+def describe_retention(hours: float) -> str:
+    return "forever" if hours == 0 else f"{hours:g}h"
+
+
+# ---------------------------------------------------------------------------- downsampling
+
+
+def flux_task(ds: Downsample, names: dict[str, str], offset_secs: int) -> tuple[str, str]:
+    """(task name, Flux script) for one downsampling."""
+    source, target = names[ds.source.bucket], names[ds.target.bucket]
+    name = f"{NAME_PREFIX} downsample {source} to {target}"
+    fields = " or ".join(f'r._field == "{field}"' for field in ds.fields)
+    parts = [
+        f'option task = {{name: "{name}", every: {ds.every}, offset: {offset_secs}s}}',
+        "",
+        # The offset delays the run, not the range: each run sees the whole previous window.
+        f'data = from(bucket: "{source}")',
+        "    |> range(start: -task.every)",
+        f'    |> filter(fn: (r) => r._measurement == "{ds.source.name}")',
+        f"    |> filter(fn: (r) => {fields})",
+    ]
+    for fn in ds.functions:
+        parts += [
+            "",
+            "data",
+            f"    |> aggregateWindow(every: task.every, fn: {fn}, createEmpty: false,"
+            ' timeSrc: "_start")',
+            f'    |> map(fn: (r) => ({{r with _field: r._field + "_{fn}"}}))',
+            f'    |> to(bucket: "{target}")',
+        ]
+    return name, "\n".join(parts) + "\n"
+
+
+def continuous_query(
+    ds: Downsample, names: dict[str, str], rp: str, offset_secs: int
+) -> tuple[str, str, str]:
+    """(database, CQ name, statement). The name carries a hash of the statement, so a changed
+    definition is recognised and replaced."""
+    source, target = names[ds.source.bucket], names[ds.target.bucket]
+    selects = ", ".join(
+        f'{fn}("{field}") AS "{field}_{fn}"' for field in ds.fields for fn in ds.functions
+    )
+    every_secs = _seconds(ds.every)
+    body = (
+        f"RESAMPLE EVERY {ds.every} FOR {every_secs + offset_secs}s BEGIN SELECT {selects} "
+        f'INTO "{target}"."{rp}"."{ds.target.name}" FROM "{ds.source.name}" '
+        f"GROUP BY time({ds.every}), * END"
+    )
+    digest = hashlib.sha1(body.encode()).hexdigest()[:8]
+    name = f"{NAME_PREFIX}_{target}_{digest}"
+    return source, name, f'CREATE CONTINUOUS QUERY "{name}" ON "{source}" {body}'
+
+
+def _seconds(duration: str) -> int:
+    total = 0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d|w)", duration):
+        scale = {
+            "ns": 1e-9,
+            "us": 1e-6,
+            "µs": 1e-6,
+            "ms": 1e-3,
+            "s": 1,
+            "m": 60,
+            "h": 3600,
+            "d": 86400,
+            "w": 604800,
+        }[unit]
+        total += float(number) * scale
+    return int(total)
+
+
+# ---------------------------------------------------------------------------------- 1.x
+
+
+def setup_v1(settings: Settings, client: InfluxV1Writer) -> list[Step]:
+    steps: list[Step] = []
+    rp = settings.setup.v1_retention_policy
+    names = settings.buckets.names()
+
+    def rows(q: str, db: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for result in client.query(q, db):
+            for series in result.get("series", []):
+                for values in series.get("values", []):
+                    out.append(
+                        {
+                            "_series": series.get("name"),
+                            **dict(zip(series["columns"], values, strict=True)),
+                        }
+                    )
+        return out
+
+    existing = {row["name"] for row in rows("SHOW DATABASES")}
+    for logical in BUCKETS:
+        bucket = settings.buckets.of(logical)
+        name, hours = bucket.name, bucket.retention_hours
+        duration = "INF" if hours == 0 else f"{round(hours * 60)}m"
+        shard = f"{shard_hours(hours)}h"
+        created = name not in existing
+        if created:
+            client.query(f'CREATE DATABASE "{name}"')
+        policies = {row["name"]: row for row in rows(f'SHOW RETENTION POLICIES ON "{name}"')}
+        current = policies.get(rp)
+        want_secs = round(hours * 3600)
+        if current is None:
+            client.query(
+                f'CREATE RETENTION POLICY "{rp}" ON "{name}" DURATION {duration} '
+                f"REPLICATION 1 SHARD DURATION {shard} DEFAULT"
+            )
+            changed = True
+        elif (
+            _go_seconds(current["duration"]) != want_secs
+            or _go_seconds(current["shardGroupDuration"]) != shard_hours(hours) * 3600
+            or not current["default"]
+        ):
+            client.query(
+                f'ALTER RETENTION POLICY "{rp}" ON "{name}" DURATION {duration} '
+                f"SHARD DURATION {shard} DEFAULT"
+            )
+            changed = True
+        else:
+            changed = False
+        outcome: Outcome = "created" if created else "updated" if changed else "unchanged"
+        steps.append(Step("database", name, outcome, f"retention {describe_retention(hours)}"))
+
+    current_cqs = {(row["_series"], row["name"]) for row in rows("SHOW CONTINUOUS QUERIES")}
+    offset = settings.setup.task_offset_secs
+    for ds in DOWNSAMPLES:
+        db, name, statement = continuous_query(ds, names, rp, offset)
+        stale = [
+            cq
+            for (cq_db, cq) in current_cqs
+            if cq_db == db
+            and cq.startswith(f"{NAME_PREFIX}_{names[ds.target.bucket]}_")
+            and cq != name
+        ]
+        for cq in stale:
+            client.query(f'DROP CONTINUOUS QUERY "{cq}" ON "{db}"')
+        if (db, name) in current_cqs:
+            steps.append(Step("continuous query", name, "unchanged"))
+        else:
+            client.query(statement)
+            steps.append(Step("continuous query", name, "updated" if stale else "created"))
+    return steps
+
+
+def _go_seconds(value: str) -> int:
+    """'720h0m0s' -> 2592000; '0s' (infinite) -> 0."""
+    return _seconds(value)
+
+
+# ---------------------------------------------------------------------------------- 2.x
+
+
+def _rules(hours: float) -> list[BucketRetentionRules]:
+    if hours == 0:
+        return []
+    return [
+        BucketRetentionRules(
+            type="expire",
+            every_seconds=round(hours * 3600),
+            shard_group_duration_seconds=shard_hours(hours) * 3600,
+        )
+    ]
+
+
+def _every_seconds(bucket: Any) -> int:
+    rules = bucket.retention_rules or []
+    return int(rules[0].every_seconds or 0) if rules else 0
+
+
+def setup_v2(settings: Settings, writer: InfluxV2Writer) -> list[Step]:
+    client = writer.client
+    call = writer.call
+    org_name = settings.influxdb.org
+    orgs = call(
+        "find organization", lambda: client.organizations_api().find_organizations(org=org_name)
+    )
+    if not orgs:
+        raise Failure("rejected", f"organization {org_name!r} not found", stage="write")
+    org_id = orgs[0].id
+    steps: list[Step] = []
+    buckets_api = client.buckets_api()
+    dbrps = DBRPsService(client.api_client)
+    bucket_ids: dict[str, str] = {}
+    names = settings.buckets.names()
+
+    for logical in BUCKETS:
+        config = settings.buckets.of(logical)
+        name, hours = config.name, config.retention_hours
+        bucket = call("find bucket", lambda name=name: buckets_api.find_bucket_by_name(name))
+        if bucket is None:
+            bucket = call(
+                "create bucket",
+                lambda name=name, hours=hours: buckets_api.create_bucket(
+                    bucket_name=name, retention_rules=_rules(hours), org=org_id
+                ),
+            )
+            outcome: Outcome = "created"
+        elif _every_seconds(bucket) != round(hours * 3600):
+            bucket.retention_rules = _rules(hours)
+            bucket = call("update bucket", lambda bucket=bucket: buckets_api.update_bucket(bucket))
+            outcome = "updated"
+        else:
+            outcome = "unchanged"
+        bucket_ids[logical] = bucket.id
+        steps.append(Step("bucket", name, outcome, f"retention {describe_retention(hours)}"))
+
+        mapped = call("find dbrp", lambda name=name: dbrps.get_dbr_ps(org_id=org_id, db=name))
+        if any(m.bucket_id == bucket.id for m in (mapped.content or [])):
+            steps.append(Step("dbrp", f"{name}/autogen", "unchanged"))
+        else:
+            call(
+                "create dbrp",
+                lambda name=name, bucket_id=bucket.id: dbrps.post_dbrp(
+                    DBRPCreate(
+                        org_id=org_id,
+                        bucket_id=bucket_id,
+                        database=name,
+                        retention_policy="autogen",
+                        default=True,
+                    )
+                ),
+            )
+            steps.append(Step("dbrp", f"{name}/autogen", "created"))
+
+    tasks_api = client.tasks_api()
+    for ds in DOWNSAMPLES:
+        name, flux = flux_task(ds, names, settings.setup.task_offset_secs)
+        found = call("find task", lambda name=name: tasks_api.find_tasks(name=name)) or []
+        task = next((t for t in found if t.name == name), None)
+        if task is None:
+            call(
+                "create task",
+                lambda flux=flux: tasks_api.create_task(
+                    task_create_request=TaskCreateRequest(
+                        flux=flux,
+                        org_id=org_id,
+                        status="active",
+                        description="downsampling, generated by collector setup",
+                    )
+                ),
+            )
+            steps.append(Step("task", name, "created"))
+        elif task.flux != flux:
+            call(
+                "update task",
+                lambda task=task, flux=flux: tasks_api.update_task_request(
+                    task.id, TaskUpdateRequest(flux=flux, status="active")
+                ),
+            )
+            steps.append(Step("task", name, "updated"))
+        else:
+            steps.append(Step("task", name, "unchanged"))
+
+    tokens = (
+        (
+            "writer token",
+            settings.setup.writer_token_file,
+            "write",
+            WRITTEN_BUCKETS,
+            "livestack collector: write",
+        ),
+        (
+            "reader token",
+            settings.setup.reader_token_file,
+            "read",
+            tuple(BUCKETS),
+            "livestack grafana: read",
+        ),
+    )
+    for what, path, action, logicals, description in tokens:
+        if path is None:
+            continue
+        if path.is_file() and path.read_text().strip():
+            steps.append(Step(what, str(path), "kept"))
+            continue
+        permissions = [
+            Permission(
+                action=action,
+                resource=PermissionResource(type="buckets", id=bucket_ids[logical], org_id=org_id),
+            )
+            for logical in logicals
+        ]
+        authorization = call(
+            "create token",
+            lambda permissions=permissions, description=description: (
+                client.authorizations_api().create_authorization(
+                    authorization=Authorization(
+                        org_id=org_id, permissions=permissions, description=description
+                    )
+                )
+            ),
+        )
+        write_secret(path, authorization.token)
+        steps.append(Step(what, str(path), "created", f"{action} on {len(permissions)} buckets"))
+    return steps
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write ``secret`` readable by its owner only; never through a world-readable moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secret.encode())
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def setup(settings: Settings) -> list[Step]:
+    if settings.influxdb.api == "v1":
+        client = InfluxV1Writer(settings.influxdb)
+        try:
+            return setup_v1(settings, client)
+        finally:
+            client.close()
+    writer = InfluxV2Writer(settings.influxdb)
+    try:
+        return setup_v2(settings, writer)
+    finally:
+        writer.close()
