@@ -1,0 +1,28 @@
+# The collector image: collector run | setup | check | simulate.
+FROM python:3.11.14-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# One fixed uid: the token and secret files of the compose stack are owned by it.
+RUN groupadd --gid 10001 livestack \
+ && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin livestack
+
+WORKDIR /opt/livestack
+COPY requirements.lock ./
+RUN pip install --no-deps --requirement requirements.lock
+COPY pyproject.toml README.md ./
+COPY collector ./collector
+RUN pip install --no-deps . && rm -rf build *.egg-info
+COPY deploy/make-secrets.sh ./make-secrets.sh
+# Mount points of the token volumes: an empty named volume takes the ownership of the image's
+# directory, so `collector setup` (uid 10001) can write the tokens there.
+RUN mkdir -p /run/tokens/writer /run/tokens/reader && chown -R 10001:10001 /run/tokens
+
+USER 10001:10001
+# The collector finishes in-flight writes on SIGTERM within 8 s (Docker waits 10).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["collector"]
+CMD ["run"]
