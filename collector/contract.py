@@ -165,5 +165,45 @@ DOWNSAMPLES: tuple[Downsample, ...] = (
     Downsample(PRESSURE, PRESSURE_1M, "1m", ("value",), ("mean", "max")),
 )
 
+# The collector's own metrics, written every telemetry_interval_secs.
+EVENTS = Measurement(
+    bucket=COLLECTOR_BUCKET,
+    name="events",
+    tags=("result", "source", "stage"),
+    fields={"count": "integer"},
+    precision="s",
+    description=(
+        "Cumulative count per source (a system, a patient, a bucket), stage (fetch, parse, "
+        "write, quality, schedule, anomaly) and result (ok or a small fixed set of error and "
+        "quality kinds) since the collector started: use difference(nonNegative: true)."
+    ),
+)
+
+FEED = Measurement(
+    bucket=COLLECTOR_BUCKET,
+    name="feed",
+    tags=("system",),
+    fields={"age_secs": "float", "stations": "integer"},
+    precision="s",
+    description="Per bike-share system: age of its newest data (feed time) and stations stored.",
+)
+
+WRITES = Measurement(
+    bucket=COLLECTOR_BUCKET,
+    name="writes",
+    tags=("bucket",),
+    fields={"batches": "integer", "latency_ms_max": "float", "latency_ms_mean": "float"},
+    precision="s",
+    description="Write requests accepted per bucket since the last report, and their latency.",
+)
+
 # What the collector writes (an encoder is compiled for each).
-MEASUREMENTS: tuple[Measurement, ...] = (STATION_STATUS, PRESSURE, ANOMALY, PATIENT)
+MEASUREMENTS: tuple[Measurement, ...] = (
+    STATION_STATUS,
+    PRESSURE,
+    ANOMALY,
+    PATIENT,
+    EVENTS,
+    FEED,
+    WRITES,
+)

@@ -23,7 +23,16 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from collector.contract import ANOMALY, PATIENT, PRESSURE, STATION_STATUS, Precision
+from collector.contract import (
+    ANOMALY,
+    EVENTS,
+    FEED,
+    PATIENT,
+    PRESSURE,
+    STATION_STATUS,
+    WRITES,
+    Precision,
+)
 from collector.lineprotocol import Encoder
 from collector.logs import event
 from collector.retry import Failure
@@ -104,6 +113,9 @@ class Collector:
         self._logged_once: set[tuple[str, str]] = set()
         self.cadences: dict[str, Cadence] = {}
         self.batcher: BatchingSink | None = None
+        self._feeds: dict[str, tuple[int, int]] = {}  # system -> (feed time, stations)
+        self._telemetry = {m.name: Encoder(m) for m in (EVENTS, FEED, WRITES)}
+        self._telemetry_lock = threading.Lock()
         self.fatal: BaseException | None = None
         self.stopped = threading.Event()
 
@@ -131,6 +143,8 @@ class Collector:
             event(log, logging.DEBUG, "poll", source=name, outcome=poll.outcome)
             return PollSummary(name, True, poll.outcome)
 
+        if poll.feed_time is not None:
+            self._feeds[name] = (poll.feed_time, poll.stations)
         lines, empty = self._encoders[name].lines(poll.rows)
         counters.add(name, "parse", "ok")
         counters.add(name, "parse", "empty_row", empty)
@@ -153,6 +167,50 @@ class Collector:
         )
         ok = not (report.rejected or report.failed)
         return PollSummary(name, ok, poll.outcome, report.written)
+
+    # -- the collector's own metrics
+    def telemetry_rows(self, now: float) -> dict[str, list]:
+        """Rows of EVENTS, FEED and WRITES as of ``now`` (epoch seconds)."""
+        stamp = int(now)
+        events = [
+            ((("result", result), ("source", source), ("stage", stage)), (count,), stamp)
+            for (source, stage, result), count in sorted(self.counters.snapshot().items())
+        ]
+        feeds = [
+            ((("system", system),), (round(now - feed_time, 3), stations), stamp)
+            for system, (feed_time, stations) in sorted(self._feeds.items())
+        ]
+        drain = getattr(self.sink, "drain_latencies", None)
+        latencies = drain() if callable(drain) else {}
+        writes = [
+            (
+                (("bucket", bucket),),
+                (len(ms), round(max(ms), 3), round(sum(ms) / len(ms), 3)),
+                stamp,
+            )
+            for bucket, ms in sorted(latencies.items())
+            if ms
+        ]
+        return {EVENTS.name: events, FEED.name: feeds, WRITES.name: writes}
+
+    def report(self) -> None:
+        """Write the collector's own metrics. Runs in its own job: a slow database delays
+        these reports, never the sources' polls."""
+        with self._telemetry_lock:  # encoders are per thread; reports never overlap anyway
+            lines: list[str] = []
+            for name, rows in self.telemetry_rows(time.time()).items():
+                lines += self._telemetry[name].lines(rows)[0]
+            if lines:
+                report = self.sink.write(EVENTS.bucket, lines, EVENTS.precision)
+                self._written(EVENTS.bucket, report)
+
+    def _report_job(self) -> None:
+        try:
+            self.report()
+        except AuthError as exc:
+            self._fatal(exc)
+        except Exception:
+            log.exception("report_crashed")
 
     def _failed(self, source: str, what: str, failure: Failure, *, once: bool = False) -> None:
         self.counters.add(source, failure.stage, failure.kind)
@@ -261,7 +319,7 @@ class Collector:
     def run(self, stop: threading.Event) -> None:
         """Poll on schedule until ``stop`` is set (or credentials are refused)."""
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max(1, self.sources))},
+            executors={"default": ThreadPoolExecutor(max_workers=self.sources + 1)},
             timezone=UTC,
         )
         for system in self.systems:
@@ -293,6 +351,16 @@ class Collector:
             )
         if self.patients:
             self._start_batcher()
+        every = self.settings.telemetry_interval_secs
+        scheduler.add_job(
+            self._report_job,
+            IntervalTrigger(seconds=every),
+            id="telemetry",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            next_run_time=datetime.fromtimestamp(time.time() + every, UTC),
+        )
         scheduler.start()
         event(log, logging.INFO, "started", systems=len(self.systems), patients=len(self.patients))
         watcher = threading.Thread(target=lambda: (self.stopped.wait(), stop.set()), daemon=True)
@@ -312,11 +380,12 @@ class Collector:
 
     def _shutdown(self, scheduler: BackgroundScheduler) -> None:
         scheduler.shutdown(wait=True)
-        if self.batcher is not None:
-            try:
+        try:
+            if self.batcher is not None:
                 self.batcher.close()  # what the patients collected, written
-            except AuthError as exc:
-                self._fatal(exc)
+            self.report()  # and the last counts
+        except AuthError as exc:
+            self._fatal(exc)
 
     def close(self) -> None:
         for system in self.systems:

@@ -262,6 +262,9 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    telemetry_interval_secs: float = Field(
+        default=10.0, ge=1, le=3600, description="how often the collector's own metrics are written"
+    )
     influxdb: InfluxDBSettings = Field(default_factory=InfluxDBSettings)
     gbfs: GbfsSettings = Field(default_factory=GbfsSettings)
     pressure: PressureSettings = Field(default_factory=PressureSettings)

@@ -168,6 +168,23 @@ def test_sigterm_stops_cleanly_after_writing(
         what="first write",
     )
     assert "event=stopping" in stderr and "event=stopped" in stderr
+    # Its own metrics: the last report is written on the way out.
+    events = influxd.query(
+        'SELECT last("count") FROM events WHERE "source"=\'sigterm\' GROUP BY "stage", "result"',
+        "collector",
+    )
+    counts = {(row["stage"], row["result"]): row["last"] for row in events}
+    assert counts[("fetch", "ok")] >= 1 and counts[("write", "ok")] >= 4
+    (feed,) = influxd.query(
+        "SELECT last(stations) AS stations, last(age_secs) AS age FROM feed "
+        "WHERE \"system\"='sigterm'",
+        "collector",
+    )
+    assert feed["stations"] == 4 and feed["age"] > 0
+    writes = influxd.query(
+        "SELECT sum(batches) AS batches FROM writes WHERE \"bucket\"='bikes'", "collector"
+    )
+    assert writes and writes[0]["batches"] >= 1
 
 
 def test_refused_credentials_stop_the_collector_with_exit_2(
@@ -193,3 +210,24 @@ def test_refused_credentials_stop_the_collector_with_exit_2(
     assert proc.returncode == 2
     assert "refused the credentials (HTTP 401)" in proc.stderr
     assert "wrong-secret-token" not in proc.stderr + proc.stdout
+
+
+def test_telemetry_rows_are_exact(tmp_path: Path) -> None:
+    config = _settings("", tmp_path)
+    collector = Collector(config, MemorySink())
+    collector.counters.add("oslo", "fetch", "ok", 3)
+    collector.counters.add("oslo", "quality", "over_capacity", 2)
+    collector._feeds["oslo"] = (1_700_000_000, 250)
+    rows = collector.telemetry_rows(1_700_000_042.5)
+    assert rows == {
+        "events": [
+            ((("result", "ok"), ("source", "oslo"), ("stage", "fetch")), (3,), 1_700_000_042),
+            (
+                (("result", "over_capacity"), ("source", "oslo"), ("stage", "quality")),
+                (2,),
+                1_700_000_042,
+            ),
+        ],
+        "feed": [((("system", "oslo"),), (42.5, 250), 1_700_000_042)],
+        "writes": [],
+    }

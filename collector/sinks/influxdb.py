@@ -97,6 +97,8 @@ class InfluxWriter:
         self._names = dict(bucket_names or {})
         self._stopping = threading.Event()
         self._sleep = sleep or self._stopping.wait
+        self._latency_lock = threading.Lock()
+        self._latencies: dict[str, list[float]] = {}
         self._backoff = Backoff(settings.retry_base_secs, settings.retry_max_secs)
 
     # -- to implement
@@ -109,6 +111,12 @@ class InfluxWriter:
 
     def close(self) -> None:
         self._stopping.set()
+
+    def drain_latencies(self) -> dict[str, list[float]]:
+        """Latencies (ms) of the write requests accepted since the last call, per bucket."""
+        with self._latency_lock:
+            latencies, self._latencies = self._latencies, {}
+        return latencies
 
     # -- shared
     def stop_retrying(self) -> None:
@@ -168,13 +176,16 @@ class InfluxWriter:
                     self._sleep(wait)
                     continue
                 return self._give_up(bucket, lines, failure, attempt)
+            latency_ms = (time.monotonic() - started) * 1000
+            with self._latency_lock:
+                self._latencies.setdefault(bucket, []).append(latency_ms)
             event(
                 log,
                 logging.DEBUG,
                 "write",
                 bucket=bucket,
                 lines=len(lines),
-                latency_ms=round((time.monotonic() - started) * 1000, 1),
+                latency_ms=round(latency_ms, 1),
             )
             return WriteReport(written=len(lines))
 
