@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     command("setup", "create the buckets (v2) or databases (v1) the collector writes to")
     command("check", "check configuration and connectivity, and print a report")
+    dashboards = command(
+        "dashboards", "generate Grafana provisioning: datasource, dashboards, alerts"
+    )
+    dashboards.add_argument(
+        "--out", type=Path, default=Path("grafana/provisioning"), help="default: %(default)s"
+    )
+    dashboards.add_argument(
+        "--check", action="store_true", help="only report files that differ; exit 1 if any"
+    )
 
     simulate = commands.add_parser(
         "simulate",
@@ -75,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.configure(config.log_level)
     try:
-        return {"run": _run, "setup": _setup, "check": _check}[args.command](config, args)
+        commands = {"run": _run, "setup": _setup, "check": _check, "dashboards": _dashboards}
+        return commands[args.command](config, args)
     except AuthError as exc:
         print(f"collector: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -132,6 +142,22 @@ def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
     except Failure as failure:
         print(f"collector: setup failed: {failure}", file=sys.stderr)
         return EXIT_FAILURES
+    return EXIT_OK
+
+
+def _dashboards(config: settings.Settings, args: argparse.Namespace) -> int:
+    try:
+        from collector.provision import grafana
+    except ImportError as exc:  # the generator's libraries are an extra, not in the image
+        print(f"collector: {exc}; pip install '.[dashboards]'", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        differing = grafana.differences(args.out, config.grafana)
+        for relative in differing:
+            print(f"differs from the generator: {args.out / relative}")
+        return EXIT_FAILURES if differing else EXIT_OK
+    for path in grafana.write(args.out, config.grafana):
+        print(path)
     return EXIT_OK
 
 

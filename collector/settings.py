@@ -253,6 +253,35 @@ class SetupSettings(_Section):
     )
 
 
+class GrafanaSettings(_Section):
+    """What `collector dashboards` puts into the provisioning files."""
+
+    org: str = "city"
+    influxdb_url_env: str = Field(
+        default="INFLUXDB_URL", description="env var (in Grafana) holding InfluxDB's URL"
+    )
+    reader_token_file: str = Field(
+        default="/run/tokens/reader/influxdb-reader-token",
+        description="path (in Grafana) of the read-only token `collector setup` wrote",
+    )
+    webhook_url_env: str = Field(
+        default="ALERT_WEBHOOK_URL", description="env var (in Grafana) holding the webhook URL"
+    )
+    empty_station_share: float = Field(
+        default=0.25, gt=0, le=1, description="alert above this share of empty stations"
+    )
+    empty_station_for_mins: int = Field(default=30, ge=1)
+    feed_stale_secs: float = Field(default=300, ge=60)
+    collector_silent_secs: int = Field(default=120, ge=30)
+
+    @field_validator("influxdb_url_env", "webhook_url_env")
+    @classmethod
+    def _env_name(cls, name: str) -> str:
+        if not name.isidentifier():
+            raise ValueError("must be an environment variable name")
+        return name
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="COLLECTOR_",
@@ -270,6 +299,7 @@ class Settings(BaseSettings):
     pressure: PressureSettings = Field(default_factory=PressureSettings)
     buckets: BucketsSettings = Field(default_factory=BucketsSettings)
     setup: SetupSettings = Field(default_factory=SetupSettings)
+    grafana: GrafanaSettings = Field(default_factory=GrafanaSettings)
 
     @classmethod
     def settings_customise_sources(
