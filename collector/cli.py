@@ -15,7 +15,8 @@ from collector import __version__, logs, settings
 from collector.http import redact_url
 from collector.retry import Failure
 from collector.scheduler import Collector
-from collector.sinks.influxdb import AuthError, make_writer
+from collector.sinks.influxdb import AuthError, InfluxWriter, make_writer
+from collector.sinks.spool import DeadLetters, Spool, SpoolBusy, SpoolingSink
 from collector.sinks.stdout import StdoutSink
 from collector.sources.gbfs import GbfsSystem
 
@@ -95,12 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: settings.Settings, args: argparse.Namespace) -> int:
-    sink = (
-        StdoutSink()
-        if args.dry_run
-        else make_writer(config.influxdb, bucket_names=config.buckets.names())
-    )
+    try:
+        sink = StdoutSink() if args.dry_run else _database_sink(config)
+    except SpoolBusy as exc:
+        print(f"collector: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     collector = Collector(config, sink)
+    if isinstance(sink, SpoolingSink):
+        sink.on_fatal(collector.fail)
+        sink.on_drained(collector.drained)
     if not collector.sources:
         print(
             "collector: no source configured (add [[gbfs.systems]] or [pressure] url)",
@@ -131,6 +135,18 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
     finally:
         collector.close()
         sink.close()
+
+
+def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
+    writer = make_writer(config.influxdb, bucket_names=config.buckets.names())
+    spool = config.spool
+    if not spool.enabled:
+        return writer
+    return SpoolingSink(
+        writer,
+        Spool(spool.dir, int(spool.max_mb * 1024 * 1024)),
+        DeadLetters(spool.dir / "dead-letter.lp", int(spool.dead_letter_max_mb * 1024 * 1024)),
+    )
 
 
 def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
@@ -173,6 +189,7 @@ def _check(config: settings.Settings, args: argparse.Namespace) -> int:
         print(f"FAILED: {failure}")
     finally:
         writer.close()
+    print(_spool_report(config))
     if not config.gbfs.systems:
         print("gbfs: no system configured")
     for system_settings in config.gbfs.systems:
@@ -232,6 +249,26 @@ def _simulate(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return EXIT_OK
+
+
+def _spool_report(config: settings.Settings) -> str:
+    spool = config.spool
+    if not spool.enabled:
+        return "spool: disabled (failed writes are lost after their retries)"
+    path = spool.dir / "spool.sqlite"
+    if not path.exists():
+        return f"spool: {spool.dir}: empty"
+    import sqlite3
+
+    # Read-only: a running collector may hold the spool.
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        batches, lines, oldest = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(lines), 0), MIN(created) FROM batches"
+        ).fetchone()
+    age = f", oldest {time.time() - oldest:.0f}s old" if oldest else ""
+    dead = spool.dir / "dead-letter.lp"
+    dead_note = f"; dead letters: {dead} ({dead.stat().st_size} bytes)" if dead.exists() else ""
+    return f"spool: {spool.dir}: {batches} batches, {lines} lines waiting{age}{dead_note}"
 
 
 if __name__ == "__main__":

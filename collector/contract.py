@@ -197,6 +197,21 @@ WRITES = Measurement(
     description="Write requests accepted per bucket since the last report, and their latency.",
 )
 
+SPOOL = Measurement(
+    bucket=COLLECTOR_BUCKET,
+    name="spool",
+    tags=(),
+    fields={
+        "batches": "integer",
+        "bytes": "integer",
+        "dropped_lines": "integer",
+        "lines": "integer",
+        "oldest_age_secs": "float",
+    },
+    precision="s",
+    description="What waits on disk for the database; dropped_lines: evicted when full.",
+)
+
 # What the collector writes (an encoder is compiled for each).
 MEASUREMENTS: tuple[Measurement, ...] = (
     STATION_STATUS,

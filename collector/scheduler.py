@@ -29,6 +29,7 @@ from collector.contract import (
     FEED,
     PATIENT,
     PRESSURE,
+    SPOOL,
     STATION_STATUS,
     WRITES,
     Precision,
@@ -46,8 +47,9 @@ from collector.telemetry import Counters
 
 log = logging.getLogger(__name__)
 
-# Docker sends SIGKILL 10 s after SIGTERM; leave room to exit after in-flight writes.
-SHUTDOWN_GRACE_SECS = 8.0
+# Docker sends SIGKILL 10 s after SIGTERM. Polls in flight get this long to finish their
+# writes; then everything goes to the spool, and a write still in flight ends at its timeout.
+SHUTDOWN_GRACE_SECS = 4.0
 
 
 class Sink(Protocol):
@@ -114,7 +116,7 @@ class Collector:
         self.cadences: dict[str, Cadence] = {}
         self.batcher: BatchingSink | None = None
         self._feeds: dict[str, tuple[int, int]] = {}  # system -> (feed time, stations)
-        self._telemetry = {m.name: Encoder(m) for m in (EVENTS, FEED, WRITES)}
+        self._telemetry = {m.name: Encoder(m) for m in (EVENTS, FEED, WRITES, SPOOL)}
         self._telemetry_lock = threading.Lock()
         self.fatal: BaseException | None = None
         self.stopped = threading.Event()
@@ -150,6 +152,7 @@ class Collector:
         counters.add(name, "parse", "empty_row", empty)
         report = self.sink.write(STATION_STATUS.bucket, lines, STATION_STATUS.precision)
         counters.add(name, "write", "ok", report.written)
+        counters.add(name, "write", "spooled", report.spooled)
         for failure in report.errors:
             counters.add(name, "write", failure.kind)
         event(
@@ -162,6 +165,7 @@ class Collector:
             written=report.written,
             rejected=report.rejected,
             failed=report.failed,
+            spooled=report.spooled or None,
             feed_time=poll.feed_time,
             quality=",".join(f"{k}:{n}" for k, n in sorted(poll.quality.items())) or None,
         )
@@ -191,7 +195,24 @@ class Collector:
             for bucket, ms in sorted(latencies.items())
             if ms
         ]
-        return {EVENTS.name: events, FEED.name: feeds, WRITES.name: writes}
+        rows = {EVENTS.name: events, FEED.name: feeds, WRITES.name: writes}
+        spool_stats = getattr(self.sink, "spool_stats", None)
+        if callable(spool_stats):
+            stats = spool_stats()
+            rows[SPOOL.name] = [
+                (
+                    (),
+                    (
+                        stats.batches,
+                        stats.bytes,
+                        stats.dropped_lines,
+                        stats.lines,
+                        round(stats.oldest_age_secs, 3),
+                    ),
+                    stamp,
+                )
+            ]
+        return rows
 
     def report(self) -> None:
         """Write the collector's own metrics. Runs in its own job: a slow database delays
@@ -243,6 +264,7 @@ class Collector:
 
     def _written(self, bucket: str, report: WriteReport) -> None:
         self.counters.add(bucket, "write", "ok", report.written)
+        self.counters.add(bucket, "write", "spooled", report.spooled)
         for failure in report.errors:
             self.counters.add(bucket, "write", failure.kind)
 
@@ -250,6 +272,15 @@ class Collector:
         event(log, logging.CRITICAL, "auth_refused", detail=str(exc))
         self.fatal = exc
         self.stopped.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop the collector: something no retry can fix (refused credentials)."""
+        self._fatal(exc)
+
+    def drained(self, bucket: str, report: WriteReport) -> None:
+        """Spooled lines the database finally took."""
+        self.counters.add(bucket, "write", "drained", report.written)
+        self.counters.add(bucket, "write", "rejected", report.rejected)
 
     def poll_patient(self, poller: PatientPoller) -> bool:
         name = poller.name

@@ -84,7 +84,8 @@ class InfluxDBSettings(_Section):
     retention_policy: str | None = Field(
         default=None, description="v1 only: retention policy to write to (default if unset)"
     )
-    timeout_secs: float = Field(default=10.0, gt=0, le=300)
+    # With the 4 s shutdown grace, keeps a SIGTERM'ed collector inside Docker's 10 s.
+    timeout_secs: float = Field(default=5.0, gt=0, le=300)
     batch_lines: int = Field(default=5000, ge=1, le=5000)
     gzip_level: int = Field(default=1, ge=0, le=9)
     max_retries: int = Field(default=5, ge=0, le=100)
@@ -253,6 +254,20 @@ class SetupSettings(_Section):
     )
 
 
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "livestack-collector"
+
+
+class SpoolSettings(_Section):
+    """Batches the database cannot take now wait on disk here, in order, until it can."""
+
+    enabled: bool = True
+    dir: Path = Field(default_factory=lambda: _state_dir() / "spool")
+    max_mb: float = Field(default=512, gt=0, description="when full, the oldest batches go")
+    dead_letter_max_mb: float = Field(default=64, gt=0)
+
+
 class GrafanaSettings(_Section):
     """What `collector dashboards` puts into the provisioning files."""
 
@@ -300,6 +315,7 @@ class Settings(BaseSettings):
     buckets: BucketsSettings = Field(default_factory=BucketsSettings)
     setup: SetupSettings = Field(default_factory=SetupSettings)
     grafana: GrafanaSettings = Field(default_factory=GrafanaSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
 
     @classmethod
     def settings_customise_sources(

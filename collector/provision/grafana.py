@@ -35,6 +35,7 @@ from collector.contract import (
     PRESSURE,
     PRESSURE_1M,
     SENSORS,
+    SPOOL,
     STATION_STATUS,
     STATION_STATUS_1H,
     WRITES,
@@ -549,6 +550,13 @@ def health_dashboard() -> db.Dashboard:
             '  |> keep(columns: ["_time", "_value", "_field", "bucket"])',
         ]
     )
+    spool = "\n".join(
+        [
+            _from(SPOOL, _fields("lines", "oldest_age_secs", "dropped_lines")),
+            "  |> aggregateWindow(every: v.windowPeriod, fn: last, createEmpty: false)",
+            '  |> keep(columns: ["_time", "_value", "_field"])',
+        ]
+    )
     return (
         _dashboard(UID_HEALTH, "Collector health", "30s", "now-3h", ["collector"])
         .with_panel(
@@ -586,6 +594,13 @@ def health_dashboard() -> db.Dashboard:
             .with_target(Flux(feed_age))
             .grid_pos(_grid(12, 16, 12, 8))
             .thresholds(_thresholds((None, "green"), (300, "red")))
+        )
+        .with_panel(
+            timeseries.Panel()
+            .title("Spool: lines waiting, oldest age (s), dropped")
+            .datasource(DATASOURCE)
+            .with_target(Flux(spool))
+            .grid_pos(_grid(0, 24, 24, 8))
         )
     )
 

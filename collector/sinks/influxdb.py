@@ -44,13 +44,20 @@ class WriteReport:
     written: int = 0
     rejected: int = 0  # refused by the server as bad data (4xx): retrying cannot help
     failed: int = 0  # still failing after every retry (outage)
+    spooled: int = 0  # kept on disk, to be written when the server answers again
     errors: list[Failure] = field(default_factory=list)
+    # What was not written, as batches: transient failures (to spool) and refusals (dead letter).
+    unsent: list[list[str]] = field(default_factory=list)
+    refused: list[tuple[list[str], Failure]] = field(default_factory=list)
 
     def add(self, other: WriteReport) -> None:
         self.written += other.written
         self.rejected += other.rejected
         self.failed += other.failed
+        self.spooled += other.spooled
         self.errors.extend(other.errors)
+        self.unsent.extend(other.unsent)
+        self.refused.extend(other.refused)
 
 
 def _server_message(body: bytes | str | None) -> str:
@@ -123,15 +130,22 @@ class InfluxWriter:
         """Make pending retries give up at once (shutdown)."""
         self._stopping.set()
 
-    def write(self, bucket: str, lines: Sequence[str], precision: Precision) -> WriteReport:
+    def write(
+        self, bucket: str, lines: Sequence[str], precision: Precision, *, retry: bool = True
+    ) -> WriteReport:
+        """Write ``lines`` in batches. ``retry=False``: a transient failure is not retried here
+        but reported in ``unsent`` (for the spool, which retries on its own schedule)."""
         bucket = self._names.get(bucket, bucket)
         report = WriteReport()
         size = self.settings.batch_lines
+        retries = self.settings.max_retries if retry else 0
         for start in range(0, len(lines), size):
-            report.add(self._write_batch(bucket, lines[start : start + size], precision))
+            report.add(self._write_batch(bucket, lines[start : start + size], precision, retries))
         return report
 
-    def _write_batch(self, bucket: str, lines: Sequence[str], precision: Precision) -> WriteReport:
+    def _write_batch(
+        self, bucket: str, lines: Sequence[str], precision: Precision, retries: int
+    ) -> WriteReport:
         body = "\n".join(lines).encode("utf-8")
         level = self.settings.gzip_level
         if level:
@@ -154,10 +168,10 @@ class InfluxWriter:
                 if failure.kind == "too_large" and len(lines) > 1:
                     middle = len(lines) // 2
                     event(log, logging.INFO, "write_split", bucket=bucket, lines=len(lines))
-                    report = self._write_batch(bucket, lines[:middle], precision)
-                    report.add(self._write_batch(bucket, lines[middle:], precision))
+                    report = self._write_batch(bucket, lines[:middle], precision, retries)
+                    report.add(self._write_batch(bucket, lines[middle:], precision, retries))
                     return report
-                if failure.transient and attempt < self.settings.max_retries:
+                if failure.transient and attempt < retries:
                     if self._stopping.is_set():
                         return self._give_up(bucket, lines, failure, attempt)
                     wait = self._backoff.delay(attempt, failure.retry_after_secs)
@@ -211,7 +225,12 @@ class InfluxWriter:
             status=failure.status,
             reason="beyond_retention",
         )
-        return WriteReport(written=len(lines) - dropped, rejected=dropped, errors=[rejected])
+        return WriteReport(
+            written=len(lines) - dropped,
+            rejected=dropped,
+            errors=[rejected],
+            refused=[(list(lines), rejected)],
+        )
 
     def _give_up(
         self, bucket: str, lines: Sequence[str], failure: Failure, attempts: int
@@ -229,8 +248,8 @@ class InfluxWriter:
             detail=str(failure),
         )
         if transient:
-            return WriteReport(failed=len(lines), errors=[failure])
-        return WriteReport(rejected=len(lines), errors=[failure])
+            return WriteReport(failed=len(lines), errors=[failure], unsent=[list(lines)])
+        return WriteReport(rejected=len(lines), errors=[failure], refused=[(list(lines), failure)])
 
 
 class InfluxV1Writer(InfluxWriter):
