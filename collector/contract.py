@@ -221,4 +221,5 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     EVENTS,
     FEED,
     WRITES,
+    SPOOL,
 )
