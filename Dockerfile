@@ -17,9 +17,10 @@ COPY pyproject.toml README.md ./
 COPY collector ./collector
 RUN pip install --no-deps . && rm -rf build *.egg-info
 COPY deploy/make-secrets.sh ./make-secrets.sh
-# Mount points of the token volumes: an empty named volume takes the ownership of the image's
-# directory, so `collector setup` (uid 10001) can write the tokens there.
-RUN mkdir -p /run/tokens/writer /run/tokens/reader && chown -R 10001:10001 /run/tokens
+# Mount points of the token and spool volumes: an empty named volume takes the ownership of the
+# image's directory, so uid 10001 can write there.
+RUN mkdir -p /run/tokens/writer /run/tokens/reader /var/lib/livestack \
+ && chown -R 10001:10001 /run/tokens /var/lib/livestack
 
 USER 10001:10001
 # The collector finishes in-flight writes on SIGTERM within 8 s (Docker waits 10).

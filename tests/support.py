@@ -58,12 +58,18 @@ class InfluxD:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("influxd") is not None
+
+    def start(self, same_port: bool = False) -> None:
+        """Start (or start again, on the same port and data with ``same_port``)."""
         binary = shutil.which("influxd")
         if binary is None:
             raise RuntimeError("influxd not found: apt-get install influxdb")
         for _attempt in range(5):  # a free port can be taken between probe and bind
-            self.port = free_port()
+            if not (same_port and self.port):
+                self.port = free_port()
             config = self.workdir / "influxdb.conf"
             config.write_text(
                 f"""

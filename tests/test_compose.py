@@ -110,7 +110,10 @@ def test_dockerfile_is_slim_pinned_and_not_root() -> None:
     assert re.findall(r"^USER (\S+)", dockerfile, re.M) == ["10001:10001"]
     assert "--requirement requirements.lock" in dockerfile
     # The token volumes' mount points belong to the user that writes and reads the tokens.
-    assert "chown -R 10001:10001 /run/tokens" in dockerfile
+    assert "chown -R 10001:10001 /run/tokens /var/lib/livestack" in dockerfile
+    collector = SERVICES["collector"]
+    assert collector["environment"]["COLLECTOR_SPOOL__DIR"].startswith("/var/lib/livestack/")
+    assert "collector-spool:/var/lib/livestack" in collector["volumes"]  # survives restarts
     for service in ("setup", "collector"):
         assert any(
             v.split(":")[1].startswith("/run/tokens/")
