@@ -184,12 +184,15 @@ def parse_vehicle_types(body: bytes) -> frozenset[str]:
     types = doc["data"].get("vehicle_types")
     if type(types) is not list:
         raise _schema("vehicle_types", "no vehicle_types list")
+    # Values are compared as strings only: a list there would not even be hashable.
     return frozenset(
         entry["vehicle_type_id"]
         for entry in types
         if type(entry) is dict
         and type(entry.get("vehicle_type_id")) is str
-        and entry.get("propulsion_type") in EBIKE_PROPULSION
+        and type(entry.get("propulsion_type")) is str
+        and entry["propulsion_type"] in EBIKE_PROPULSION
+        and type(entry.get("form_factor", "bicycle")) is str
         and entry.get("form_factor", "bicycle") in EBIKE_FORM_FACTORS
     )
 
@@ -338,7 +341,8 @@ def _ebikes(raw: dict[str, Any], ebike_types: frozenset[str] | None) -> Any:
         for entry in by_type:
             if type(entry) is not dict:
                 return _INVALID
-            if entry.get("vehicle_type_id") in ebike_types:
+            type_id = entry.get("vehicle_type_id")
+            if type(type_id) is str and type_id in ebike_types:
                 count = _count(entry.get("count"))
                 if type(count) is not int:
                     return _INVALID
