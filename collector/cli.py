@@ -95,7 +95,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
+def _warn_insecure(config: settings.Settings) -> None:
+    off = [s.name for s in config.gbfs.systems if not s.verify_tls]
+    if config.pressure.url and not config.pressure.verify_tls:
+        off.append("pressure")
+    if not config.influxdb.verify_tls:
+        off.append("influxdb")
+    for source in off:
+        logs.event(
+            log,
+            logging.WARNING,
+            "tls_verification_off",
+            source=source,
+            detail="certificates are not checked: anyone on the path can read and alter data",
+        )
+
+
 def _run(config: settings.Settings, args: argparse.Namespace) -> int:
+    _warn_insecure(config)
     try:
         sink = StdoutSink() if args.dry_run else _database_sink(config)
     except SpoolBusy as exc:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -146,6 +146,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_secs: float = 0.0  # before the headers, so clients see a slow server
     gate: threading.Event | None = None  # wait for it before answering
+    trickle_secs: float = 0.0  # send the body a byte at a time, this long apart
 
 
 Route = Reply | Callable[["Request"], Reply]
@@ -200,8 +201,19 @@ class FeedServer:
         if reply.delay_secs:
             time.sleep(reply.delay_secs)  # the server under test is slow on purpose
         phrase = HTTPStatus(reply.status).phrase
-        start_response(f"{reply.status} {phrase}", list(reply.headers.items()))
+        headers = list(reply.headers.items())
+        if reply.trickle_secs:
+            headers.append(("Content-Length", str(len(reply.body))))
+            start_response(f"{reply.status} {phrase}", headers)
+            return self._trickle(reply.body, reply.trickle_secs)
+        start_response(f"{reply.status} {phrase}", headers)
         return [reply.body]
+
+    @staticmethod
+    def _trickle(body: bytes, secs: float) -> Iterator[bytes]:
+        for i in range(len(body)):
+            time.sleep(secs)  # the server under test is slow on purpose
+            yield body[i : i + 1]
 
     @property
     def url(self) -> str:

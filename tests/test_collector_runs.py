@@ -53,6 +53,12 @@ BAD_FEEDS = {
     "notfound": (Reply(404, b"gone"), "fetch", "http_4xx"),
     "broken": (Reply(500, b"Internal Server Error"), "fetch", "http_5xx"),
     "slow": (Reply(200, b"{}", delay_secs=2.0), "fetch", "timeout"),
+    # Headers at once, then a byte every 50 ms: each read is quick, the whole is endless.
+    "trickle": (
+        Reply(200, b'{"data": {"stations": []}}' * 4, trickle_secs=0.05),
+        "fetch",
+        "timeout",
+    ),
     "huge": (Reply(200, b"[" + b"1," * 200_000 + b"1]"), "fetch", "too_large"),
 }
 

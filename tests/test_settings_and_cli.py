@@ -126,3 +126,16 @@ url = "http://127.0.0.1:{free_port()}/gbfs.json"
     assert "gbfs oslo: ok, GBFS 2.3, 4 stations" in out
     assert "data-quality faults: invalid_value 1, over_capacity 1, unknown_station 1" in out
     assert "gbfs down: FAILED at fetch:" in out
+
+
+def test_tls_opt_out_is_warned_about(tmp_path: Path, feeds: FeedServer) -> None:
+    url = feeds.serve_folder(DATA / "gbfs" / "v2.3", "/v2.3")
+    path = _write(
+        tmp_path,
+        f'[[gbfs.systems]]\nname = "careful"\nurl = "{url}"\n\n'
+        f'[[gbfs.systems]]\nname = "insecure"\nurl = "{url}"\nverify_tls = false\n',
+    )
+    result = run_cli("run", "--once", "--dry-run", config=path)
+    assert result.returncode == 0
+    warnings = [line for line in result.stderr.splitlines() if "event=tls_verification_off" in line]
+    assert len(warnings) == 1 and "source=insecure" in warnings[0]

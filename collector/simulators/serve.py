@@ -55,19 +55,25 @@ def make_server(app: WsgiApp, host: str = "127.0.0.1", port: int = 0) -> Threadi
             ) -> None:
                 status_headers[:] = [status, headers]
 
-            body = b"".join(app(environ, start_response))
+            chunks = iter(app(environ, start_response))
+            first = next(chunks, b"")  # start_response has been called by now
             status, headers = status_headers
+            # With a Content-Length from the app, the body streams as the app yields it.
+            streaming = any(key.lower() == "content-length" for key, _ in headers)
+            body = first if streaming else first + b"".join(chunks)
             try:
                 self.send_response(int(status.split(" ", 1)[0]), status.split(" ", 1)[1])
-                sent_length = False
                 for key, value in headers:
-                    sent_length |= key.lower() == "content-length"
                     self.send_header(key, value)
-                if not sent_length:
+                if not streaming:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
+                    if streaming:
+                        for chunk in chunks:
+                            self.wfile.write(chunk)
+                            self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
 
