@@ -85,7 +85,7 @@ def bench_spool(drain_points: int, batch_size: int = 5000) -> None:
             f"spool drain into Debian's InfluxDB 1.x: "
             f"{drain_points:,} points in {drain_secs:.2f} s = "
             f"{drain_points / drain_secs:,.0f} points/s "
-            f"(target >= 50,000); stored: {count['count']:,} series points"
+            f"(target >= 50,000); points stored: {count['count']:,}"
         )
     finally:
         server.stop()
