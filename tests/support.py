@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -275,23 +276,37 @@ def run_cli(*args: str, config: Path, timeout: float = 60) -> subprocess.Complet
     )
 
 
-def run_until_sigterm(
-    config: Path, condition: Callable[[], Any], what: str, timeout: float = 30
-) -> str:
-    """``collector run`` until ``condition`` holds, then SIGTERM: it must exit 0 within 10 s
-    (Docker's grace period). Returns what it logged."""
+@dataclass
+class Running:
+    log: str = ""
+
+
+@contextmanager
+def collector_process(config: Path) -> Iterator[Running]:
+    """``collector run`` in a child process for the ``with`` body; on leaving it, SIGTERM:
+    the collector must exit 0 within 10 s (Docker's grace period). ``.log`` is its stderr."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "collector.cli", "run", "--config", str(config)],
         stderr=subprocess.PIPE,
         text=True,
     )
+    running = Running()
     try:
-        wait_for(condition, timeout=timeout, what=what)
+        yield running
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    stderr = proc.stderr.read() if proc.stderr else ""
-    assert "Traceback" not in stderr
-    return stderr
+            proc.wait()
+        running.log = proc.stderr.read() if proc.stderr else ""
+    assert "Traceback" not in running.log
+
+
+def run_until_sigterm(
+    config: Path, condition: Callable[[], Any], what: str, timeout: float = 30
+) -> str:
+    """``collector run`` until ``condition`` holds, then SIGTERM; returns what it logged."""
+    with collector_process(config) as running:
+        wait_for(condition, timeout=timeout, what=what)
+    return running.log
