@@ -278,10 +278,13 @@ def _spool_report(config: settings.Settings) -> str:
     import sqlite3
 
     # Read-only: a running collector may hold the spool.
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        batches, lines, oldest = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(lines), 0), MIN(created) FROM batches"
-        ).fetchone()
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            batches, lines, oldest = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(lines), 0), MIN(created) FROM batches"
+            ).fetchone()
+    except sqlite3.OperationalError as exc:  # being created this very moment, or damaged
+        return f"spool: {spool.dir}: cannot be read now ({exc})"
     age = f", oldest {time.time() - oldest:.0f}s old" if oldest else ""
     dead = spool.dir / "dead-letter.lp"
     dead_note = f"; dead letters: {dead} ({dead.stat().st_size} bytes)" if dead.exists() else ""

@@ -281,8 +281,11 @@ def test_sigkill_while_the_database_is_down_loses_nothing_spooled(
         def pending() -> list[str]:
             if not spool.exists():
                 return []
-            with sqlite3.connect(f"file:{spool}?mode=ro", uri=True) as db:
-                payloads = db.execute("SELECT payload FROM batches").fetchall()
+            try:
+                with sqlite3.connect(f"file:{spool}?mode=ro", uri=True) as db:
+                    payloads = db.execute("SELECT payload FROM batches").fetchall()
+            except sqlite3.OperationalError:  # the file exists, its table not yet
+                return []
             return [line for (p,) in payloads for line in orjson.loads(zlib.decompress(p))]
 
         wait_for(lambda: len(pending()) >= 60, what="a spool to build up")
