@@ -139,3 +139,19 @@ def test_tls_opt_out_is_warned_about(tmp_path: Path, feeds: FeedServer) -> None:
     assert result.returncode == 0
     warnings = [line for line in result.stderr.splitlines() if "event=tls_verification_off" in line]
     assert len(warnings) == 1 and "source=insecure" in warnings[0]
+
+
+def test_check_reports_the_spool_and_dead_letters(tmp_path: Path) -> None:
+    from collector.sinks.spool import Spool
+
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, 10_000_000)
+    spool.put("bikes", "s", [["m v=1i 1", "m v=2i 2"], ["m v=3i 3"]])
+    spool.close()
+    (spool_dir / "dead-letter.lp").write_text("# refused\nm v=1.5 1\n")
+    path = _write(
+        tmp_path, f'[influxdb]\nurl = "http://127.0.0.1:9"\n[spool]\ndir = "{spool_dir}"\n'
+    )
+    out = run_cli("check", config=path).stdout
+    assert f"spool: {spool_dir}: 2 batches, 3 lines waiting, oldest" in out
+    assert "dead letters:" in out and "(20 bytes)" in out
