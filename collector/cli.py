@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from collector import __version__, logs, settings
@@ -54,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="only report files that differ; exit 1 if any"
     )
 
+    replay = command("replay", "replay Citi Bike trip history as docks and undocks per minute")
+    replay.add_argument("kind", choices=("trips",))
+    replay.add_argument("files", nargs="+", type=Path, help="CSV files: plain, .gz or .zip")
+    replay.add_argument(
+        "--system", default="citibike", help="the system tag (default: %(default)s)"
+    )
+    mode = replay.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--backfill", action="store_true", help="historical times, full speed (default)"
+    )
+    mode.add_argument("--speed", type=float, help="replay live at this many times real time")
+    replay.add_argument("--timezone", default="America/New_York", help="of the file's times")
+    replay.add_argument("--dry-run", action="store_true", help="print line protocol instead")
+
     simulate = commands.add_parser(
         "simulate",
         help="serve a simulated foot-pressure API or bike-share system",
@@ -85,7 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.configure(config.log_level)
     try:
-        commands = {"run": _run, "setup": _setup, "check": _check, "dashboards": _dashboards}
+        commands = {
+            "run": _run,
+            "setup": _setup,
+            "check": _check,
+            "dashboards": _dashboards,
+            "replay": _replay,
+        }
         return commands[args.command](config, args)
     except AuthError as exc:
         print(f"collector: {exc}", file=sys.stderr)
@@ -164,6 +184,86 @@ def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
         Spool(spool.dir, int(spool.max_mb * 1024 * 1024)),
         DeadLetters(spool.dir / "dead-letter.lp", int(spool.dead_letter_max_mb * 1024 * 1024)),
     )
+
+
+def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
+    from collector import replay
+    from collector.sources.trips import Flows, Progress, TripFileError
+
+    if args.speed is not None and args.speed <= 0:
+        print("collector: --speed must be above 0", file=sys.stderr)
+        return EXIT_CONFIG
+    for path in args.files:
+        if not path.is_file():
+            print(f"collector: no such file: {path}", file=sys.stderr)
+            return EXIT_CONFIG
+    rename = _station_matcher(config, args.system)
+    flows, progress = Flows(timezone=args.timezone), Progress()
+    try:
+        replay.read_flows(args.files, flows, progress, replay.ProgressLine(progress))
+    except TripFileError as exc:
+        print(f"collector: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.event(
+        log,
+        logging.INFO,
+        "trips_read",
+        trips=flows.trips,
+        rows=progress.rows,
+        stations=len(flows.stations),
+        bad=",".join(f"{k}:{n}" for k, n in sorted(flows.bad.items())) or None,
+    )
+    # Replays write directly, without the spool: a live collector may hold it.
+    sink = (
+        StdoutSink()
+        if args.dry_run
+        else make_writer(config.influxdb, bucket_names=config.buckets.names())
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        if args.speed is not None:
+            outcome = replay.live(
+                flows, sink, args.system, args.speed, rename, sleep=stop.wait, stop=stop.is_set
+            )
+        else:
+            outcome = replay.backfill(flows, sink, args.system, rename)
+    finally:
+        flows.close()
+        sink.close()
+    logs.event(
+        log,
+        logging.INFO,
+        "replay_done",
+        trips=outcome.trips,
+        written=outcome.rows_written,
+        failed=outcome.rows_failed,
+        minutes=outcome.minutes or None,
+    )
+    return EXIT_OK if not outcome.rows_failed else EXIT_FAILURES
+
+
+def _station_matcher(config: settings.Settings, system: str) -> Callable[[str], str]:
+    """Trip-file ids -> the station_id of the same system's GBFS feed, when it is configured,
+    so that flows and availability share station_id tags."""
+    from collector import replay
+
+    live_system = next((s for s in config.gbfs.systems if s.name == system), None)
+    if live_system is None:
+        return lambda station_id: station_id
+    gbfs_system = GbfsSystem(live_system)
+    try:
+        mapping = replay.gbfs_ids(gbfs_system.fetch_catalog())
+    except Failure as failure:
+        logs.event(
+            log, logging.WARNING, "station_match_unavailable", source=system, detail=str(failure)
+        )
+        return lambda station_id: station_id
+    finally:
+        gbfs_system.close()
+    logs.event(log, logging.INFO, "station_match", source=system, gbfs_stations=len(mapping))
+    return lambda station_id: mapping.get(station_id, station_id)
 
 
 def _setup(config: settings.Settings, args: argparse.Namespace) -> int:

@@ -213,6 +213,25 @@ SPOOL = Measurement(
 )
 
 # What the collector writes (an encoder is compiled for each).
+STATION_FLOW = Measurement(
+    bucket=BIKES_BUCKET,
+    name="station_flow",
+    tags=("station_id", "system"),
+    fields={
+        "docks": "integer",
+        "lat": "float",
+        "lon": "float",
+        "name": "string",
+        "net": "integer",
+        "undocks": "integer",
+    },
+    precision="s",
+    description=(
+        "Trips replayed from history: per station per minute, bikes taken (undocks) and "
+        "returned (docks); net = docks - undocks. Timestamp: the minute (or now, replayed live)."
+    ),
+)
+
 MEASUREMENTS: tuple[Measurement, ...] = (
     STATION_STATUS,
     PRESSURE,
@@ -222,4 +241,5 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     FEED,
     WRITES,
     SPOOL,
+    STATION_FLOW,
 )

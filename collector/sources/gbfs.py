@@ -613,6 +613,14 @@ class GbfsSystem:
             errors=errors,
         )
 
+    def fetch_catalog(self) -> Catalog:
+        """The system's station_information now (discovering feeds first if needed)."""
+        url = self._discover().get("station_information")
+        if url is None:
+            raise _schema("gbfs.json", "lists no station_information feed")
+        response = self._fetcher.get(url)
+        return parse_station_information(response.body or b"", self.name, self.settings.language)
+
     def _info_refresh_secs(self) -> float:
         ttl = self._catalog.ttl if self._catalog is not None and self._catalog.ttl else 0
         return min(self.settings.info_refresh_secs, max(float(ttl), MIN_INFO_REFRESH_SECS))

@@ -1,0 +1,250 @@
+"""Trip history: both schemas, three containers, exact totals, bounded memory, live replay."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from collector import replay
+from collector.contract import STATION_FLOW
+from collector.lineprotocol import Encoder
+from collector.sources import gbfs
+from collector.sources.trips import Flows, Progress, TripFileError
+from tests.support import DATA, InfluxD, run_cli
+
+TRIPS = DATA / "trips"
+
+
+def _flows(*paths: Path, **options: object) -> Flows:
+    flows, progress = Flows(**options), Progress()  # type: ignore[arg-type]
+    replay.read_flows(paths, flows, progress, None)
+    return flows
+
+
+def _lines(flows: Flows, system: str = "citibike") -> list[str]:
+    rows = [row for _minute, row in flows.rows(system)]
+    return sorted(Encoder(STATION_FLOW).lines(rows)[0])
+
+
+GROVE = ("3186", "Grove St PATH", "40.71958611647166", "-74.04311746358871")
+NEWARK = ("3211", "Newark Ave", "40.72152515", "-74.046304543")
+HOBOKEN = ("JC105", "Hoboken Ave at Monmouth St", "40.735208", "-74.046964")
+CHRIST = ("JC034", "Christ Hospital", "40.734786", "-74.050444")  # the first name seen
+
+
+def flow(station: tuple[str, str, str, str], docks: int, undocks: int, minute: int) -> str:
+    station_id, name, lat, lon = station
+    return (
+        f"station_flow,station_id={station_id},system=citibike docks={docks}i,lat={lat},"
+        f'lon={lon},name="{name}",net={docks - undocks}i,undocks={undocks}i {minute}'
+    )
+
+
+def test_old_schema_exact_rows_and_bad_rows() -> None:
+    flows = _flows(TRIPS / "old-schema.csv")
+    # Times are New York's: 00:01 EST = 05:01 UTC = 1514782860. Two trips leave Grove St
+    # in that minute (one with millisecond times); the negative, unparsable and short rows go.
+    assert _lines(flows) == sorted(
+        [
+            flow(GROVE, 0, 2, 1514782860),
+            flow(NEWARK, 1, 0, 1514782980),
+            flow(NEWARK, 0, 1, 1514783340),
+            flow(GROVE, 2, 0, 1514783400),
+        ]
+    )
+    assert flows.trips == 3
+    assert dict(flows.bad) == {"negative_duration": 1, "bad_time": 1, "short_row": 1}
+
+
+def test_new_schema_exact_rows_and_bad_rows() -> None:
+    flows = _flows(TRIPS / "new-schema.csv")
+    # 23:11 EST on 3 Feb = 04:11 UTC on 4 Feb = 1612411860. Christ Hospital docks one bike
+    # and lends one in the same minute: docks 1, undocks 1, net 0.
+    assert _lines(flows) == sorted(
+        [
+            flow(HOBOKEN, 0, 1, 1612411860),
+            flow(CHRIST, 1, 1, 1612412280),
+            flow(HOBOKEN, 1, 0, 1612413000),
+        ]
+    )
+    assert dict(flows.bad) == {"no_end_station": 1, "no_start_station": 1}
+
+
+def test_plain_gzip_and_zip_give_the_same_rows(tmp_path: Path) -> None:
+    plain = TRIPS / "new-schema.csv"
+    gz = tmp_path / "trips.csv.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    archive = tmp_path / "trips.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(plain, "2021-02-citibike-tripdata.csv")
+        z.writestr("__MACOSX/._2021-02-citibike-tripdata.csv", "junk")
+    expected = _lines(_flows(plain))
+    assert _lines(_flows(gz)) == expected
+    assert _lines(_flows(archive)) == expected
+
+
+def test_unknown_header_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(TripFileError, match="unknown trip file header"):
+        _flows(path)
+
+
+def _independent_totals(
+    path: Path, start: str, end: str, start_id: str, end_id: str
+) -> tuple[Counter, Counter, int, int]:
+    undocks: Counter[str] = Counter()
+    docks: Counter[str] = Counter()
+    no_end = negative = 0
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        for row in csv.DictReader(f):
+            if not row[end_id]:
+                no_end += 1
+                continue
+            if row[end] < row[start]:
+                negative += 1
+                continue
+            undocks[row[start_id]] += 1
+            docks[row[end_id]] += 1
+    return undocks, docks, no_end, negative
+
+
+@pytest.mark.parametrize(
+    ("name", "columns"),
+    [
+        (
+            "JC-201801-citibike-tripdata.csv",
+            ("starttime", "stoptime", "start station id", "end station id"),
+        ),
+        (
+            "JC-202102-citibike-tripdata.csv",
+            ("started_at", "ended_at", "start_station_id", "end_station_id"),
+        ),
+    ],
+)
+@pytest.mark.parametrize("max_keys", [300_000, 500])  # in memory, and spilled to disk
+def test_real_files_exact_per_station_totals(
+    shared_fixtures: Path, name: str, columns: tuple[str, ...], max_keys: int
+) -> None:
+    path = shared_fixtures / "trips" / name
+    undocks, docks, no_end, negative = _independent_totals(path, *columns)
+    flows = _flows(path, max_keys_in_memory=max_keys)
+    assert flows.spilled == (max_keys == 500)
+    got_undocks: Counter[str] = Counter()
+    got_docks: Counter[str] = Counter()
+    for _minute, (tags, values, _t) in flows.rows("citibike"):
+        station = dict(tags)["station_id"]
+        fields = dict(zip(STATION_FLOW.field_names, values, strict=True))
+        assert fields["net"] == fields["docks"] - fields["undocks"]
+        got_undocks[station] += fields["undocks"]
+        got_docks[station] += fields["docks"]
+    assert +got_undocks == undocks and +got_docks == docks
+    assert flows.bad["no_end_station"] == no_end and flows.bad["negative_duration"] == negative
+    assert flows.trips == sum(undocks.values())
+    flows.close()
+
+
+class PinnedClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+        self.sleeps: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, secs: float) -> None:
+        self.sleeps.append(secs)
+        self.now += secs
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, list[str]]] = []
+
+    def write(self, bucket: str, lines: list[str], precision: str) -> replay.WriteReport:
+        self.writes.append((precision, lines))
+        return replay.WriteReport(written=len(lines))
+
+
+def test_live_replay_emits_minutes_in_order_at_speed() -> None:
+    flows = _flows(TRIPS / "old-schema.csv")
+    clock, sink = PinnedClock(), Recorder()
+    outcome = replay.live(
+        flows, sink, "citibike", 60.0, lambda s: s, clock=clock.time, sleep=clock.sleep
+    )
+    # Minutes 05:01, 05:03, 05:09, 05:10 UTC: at 60x, 0, 2, 8 and 9 seconds after the start.
+    assert outcome.minutes == 4 and outcome.rows_written == 4
+    assert clock.sleeps == [2.0, 6.0, 1.0]
+    stamps = [int(lines[0].rsplit(" ", 1)[1]) for _p, lines in sink.writes]
+    assert stamps == [1_800_000_000_000, 1_800_000_002_000, 1_800_000_008_000, 1_800_000_009_000]
+    assert {precision for precision, _ in sink.writes} == {"ms"}
+
+
+def test_live_replay_stops_when_asked() -> None:
+    flows = _flows(TRIPS / "old-schema.csv")
+    clock, sink = PinnedClock(), Recorder()
+    outcome = replay.live(
+        flows,
+        sink,
+        "citibike",
+        600.0,
+        lambda s: s,
+        clock=clock.time,
+        sleep=clock.sleep,
+        stop=lambda: len(sink.writes) >= 2,
+    )
+    assert outcome.minutes == 2
+
+
+def test_progress_line_text() -> None:
+    progress = Progress(rows=1000, bytes_read=250, bytes_total=1000)
+    times = iter([100.0, 102.0])
+    line = replay.ProgressLine(progress, clock=lambda: next(times))
+    assert line.text() == "rows 1,000  500 rows/s  ETA 0:06"
+
+
+def test_trip_ids_are_matched_to_gbfs_station_ids() -> None:
+    info = (
+        b'{"data": {"stations": [{"station_id": "66db-uuid", "short_name": "JC105", '
+        b'"name": "Hoboken"}, {"station_id": "3186", "name": "Grove"}]}}'
+    )
+    mapping = replay.gbfs_ids(gbfs.parse_station_information(info, "citibike"))
+    assert mapping["JC105"] == "66db-uuid" and mapping["3186"] == "3186"
+    flows = _flows(TRIPS / "new-schema.csv")
+    stations = {
+        dict(tags)["station_id"]
+        for _m, (tags, _v, _t) in flows.rows("citibike", rename=lambda s: mapping.get(s, s))
+    }
+    assert stations == {"66db-uuid", "JC034"}  # JC034 is not in the feed: kept as it is
+
+
+@pytest.mark.influxdb
+def test_backfill_into_a_real_influxdb(
+    tmp_path: Path, influxd: InfluxD, shared_fixtures: Path
+) -> None:
+    path = shared_fixtures / "trips" / "JC-202102-citibike-tripdata.csv"
+    undocks, docks, _no_end, _negative = _independent_totals(
+        path, "started_at", "ended_at", "start_station_id", "end_station_id"
+    )
+    influxd.drop("bikes")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\n'
+        '[buckets.bikes]\nname = "bikes"\nretention_hours = 0  # 2021 data\n'
+    )
+    assert run_cli("setup", config=config).returncode == 0
+    result = run_cli("replay", "trips", str(path), "--system", "jc", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "event=replay_done" in result.stderr and "failed=0" in result.stderr
+    rows = influxd.query(
+        'SELECT sum("undocks") AS u, sum("docks") AS d FROM "station_flow" '
+        'WHERE "system" = \'jc\' GROUP BY "station_id"',
+        "bikes",
+    )
+    assert {r["station_id"]: r["u"] for r in rows if r["u"]} == dict(undocks)
+    assert {r["station_id"]: r["d"] for r in rows if r["d"]} == dict(docks)
