@@ -173,7 +173,7 @@ def test_everything_points_at_the_provisioned_datasource() -> None:
             if variable["type"] == "query":
                 assert variable["datasource"]["uid"] == grafana.DATASOURCE_UID
     uids = [d["uid"] for d in DASHBOARDS.values()]
-    assert len(set(uids)) == len(uids) == 4
+    assert len(set(uids)) == len(uids) == 5
 
 
 def test_alert_rules_reference_existing_refids() -> None:

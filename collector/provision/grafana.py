@@ -36,6 +36,7 @@ from collector.contract import (
     PRESSURE_1M,
     SENSORS,
     SPOOL,
+    STATION_FLOW,
     STATION_STATUS,
     STATION_STATUS_1H,
     WRITES,
@@ -52,6 +53,7 @@ UID_BIKES = "livestack-bikes-live"
 UID_HISTORY = "livestack-station-history"
 UID_PRESSURE = "livestack-pressure-live"
 UID_HEALTH = "livestack-collector-health"
+UID_FLOWS = "livestack-trip-flows"
 
 S, P, A = STATION_STATUS, PRESSURE, ANOMALY
 
@@ -605,11 +607,73 @@ def health_dashboard() -> db.Dashboard:
     )
 
 
+def flows_dashboard() -> db.Dashboard:
+    over_time = "\n".join(
+        [
+            _from(STATION_FLOW, SYSTEM, _fields("undocks", "docks")),
+            '  |> group(columns: ["_field"])',
+            "  |> aggregateWindow(every: v.windowPeriod, fn: sum, createEmpty: false)",
+        ]
+    )
+    busiest = "\n".join(
+        [
+            _from(STATION_FLOW, SYSTEM, _fields("undocks", "docks")),
+            '  |> group(columns: ["station_id", "_field"])',
+            "  |> sum()",
+            '  |> pivot(rowKey: ["station_id"], columnKey: ["_field"], valueColumn: "_value")',
+            "  |> group()",
+            "  |> map(fn: (r) => ({station_id: r.station_id, undocks: r.undocks, docks: r.docks,",
+            "      trips: r.undocks + r.docks}))",
+            '  |> sort(columns: ["trips"], desc: true)',
+            "  |> limit(n: 15)",
+        ]
+    )
+    net = "\n".join(
+        [
+            _from(STATION_FLOW, SYSTEM, 'r.station_id == "${station}"', 'r._field == "net"'),
+            "  |> aggregateWindow(every: v.windowPeriod, fn: sum, createEmpty: false)",
+        ]
+    )
+    return (
+        _dashboard(UID_FLOWS, "Trip flows", "30s", "now-7d", ["bikes", "trips"])
+        .with_variable(_query_variable("system", "System", _tag_values(STATION_FLOW, "system")))
+        .with_variable(
+            _query_variable(
+                "station",
+                "Station",
+                _tag_values(STATION_FLOW, "station_id", 'r.system == "${system}"'),
+            )
+        )
+        .with_panel(
+            timeseries.Panel()
+            .title("Bikes taken (undocks) and returned (docks), all stations")
+            .datasource(DATASOURCE)
+            .with_target(Flux(over_time))
+            .grid_pos(_grid(0, 0, 24, 9))
+        )
+        .with_panel(
+            table.Panel()
+            .title("Busiest stations")
+            .datasource(DATASOURCE)
+            .with_target(Flux(busiest))
+            .grid_pos(_grid(0, 9, 10, 12))
+        )
+        .with_panel(
+            timeseries.Panel()
+            .title("Net flow at ${station} (docks - undocks)")
+            .datasource(DATASOURCE)
+            .with_target(Flux(net))
+            .grid_pos(_grid(10, 9, 14, 12))
+        )
+    )
+
+
 DASHBOARDS = {
     "bikes-live.json": bikes_dashboard,
     "station-history.json": history_dashboard,
     "pressure-live.json": pressure_dashboard,
     "collector-health.json": health_dashboard,
+    "trip-flows.json": flows_dashboard,
 }
 
 
