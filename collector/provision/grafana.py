@@ -132,6 +132,11 @@ PRESSURE_SCALE = _thresholds(
 )
 
 
+def _panel(kind: Any, title: str, query: str, grid: dm.GridPos) -> Any:
+    """A panel of ``kind`` (timeseries.Panel, table.Panel, ...) with one Flux query."""
+    return kind().title(title).datasource(DATASOURCE).with_target(Flux(query)).grid_pos(grid)
+
+
 def _stat(
     title: str,
     query: str,
@@ -306,19 +311,11 @@ def bikes_dashboard() -> db.Dashboard:
             )
         )
         .with_panel(geomap_panel)
+        .with_panel(_panel(table.Panel, "Empty and full stations", empty_full, _grid(16, 4, 8, 18)))
         .with_panel(
-            table.Panel()
-            .title("Empty and full stations")
-            .datasource(DATASOURCE)
-            .with_target(Flux(empty_full))
-            .grid_pos(_grid(16, 4, 8, 18))
-        )
-        .with_panel(
-            timeseries.Panel()
-            .title("Bikes available in ${system}")
-            .datasource(DATASOURCE)
-            .with_target(Flux(availability))
-            .grid_pos(_grid(0, 22, 24, 8))
+            _panel(
+                timeseries.Panel, "Bikes available in ${system}", availability, _grid(0, 22, 24, 8)
+            )
         )
     )
 
@@ -379,26 +376,20 @@ def history_dashboard() -> db.Dashboard:
             )
         )
         .with_panel(
-            timeseries.Panel()
-            .title("Bikes, e-bikes and free docks (raw)")
-            .datasource(DATASOURCE)
-            .with_target(Flux(raw))
-            .grid_pos(_grid(0, 0, 24, 9))
+            _panel(timeseries.Panel, "Bikes, e-bikes and free docks (raw)", raw, _grid(0, 0, 24, 9))
         )
         .with_panel(
-            timeseries.Panel()
-            .title("Hourly mean, min, max (kept 2 years)")
-            .datasource(DATASOURCE)
-            .with_target(Flux(hourly))
-            .grid_pos(_grid(0, 9, 24, 9))
+            _panel(
+                timeseries.Panel, "Hourly mean, min, max (kept 2 years)", hourly, _grid(0, 9, 24, 9)
+            )
         )
         .with_panel(
-            heatmap.Panel()
-            .title("Mean bikes by hour of the week (last 4 weeks)")
-            .datasource(DATASOURCE)
-            .with_target(Flux(hour_of_week))
-            .grid_pos(_grid(0, 18, 24, 9))
-            .calculate(False)
+            _panel(
+                heatmap.Panel,
+                "Mean bikes by hour of the week (last 4 weeks)",
+                hour_of_week,
+                _grid(0, 18, 24, 9),
+            ).calculate(False)
         )
     )
 
@@ -464,11 +455,12 @@ def pressure_dashboard() -> db.Dashboard:
             ]
         )
         dash = dash.with_panel(
-            timeseries.Panel()
-            .title(f"{foot.capitalize()} foot, last 5 minutes")
-            .datasource(DATASOURCE)
-            .with_target(Flux(query))
-            .grid_pos(_grid(column, 0, 8, 9))
+            _panel(
+                timeseries.Panel,
+                f"{foot.capitalize()} foot, last 5 minutes",
+                query,
+                _grid(column, 0, 8, 9),
+            )
             .min(0)
             .max(1023)
         )
@@ -503,20 +495,15 @@ def pressure_dashboard() -> db.Dashboard:
         ]
     )
     return (
-        dash.with_panel(
-            table.Panel()
-            .title("Anomalies")
-            .datasource(DATASOURCE)
-            .with_target(Flux(anomalies_table))
-            .grid_pos(_grid(0, 9, 12, 8))
-        )
+        dash.with_panel(_panel(table.Panel, "Anomalies", anomalies_table, _grid(0, 9, 12, 8)))
         .with_panel(_stat("Anomalies today", today, _grid(12, 9, 4, 8)))
         .with_panel(
-            timeseries.Panel()
-            .title("Per-minute mean, last 7 days (kept 90 days)")
-            .datasource(DATASOURCE)
-            .with_target(Flux(history))
-            .grid_pos(_grid(16, 9, 8, 8))
+            _panel(
+                timeseries.Panel,
+                "Per-minute mean, last 7 days (kept 90 days)",
+                history,
+                _grid(16, 9, 8, 8),
+            )
         )
     )
 
@@ -531,13 +518,7 @@ def health_dashboard() -> db.Dashboard:
                 '  |> keep(columns: ["_time", "_value", "source", "stage", "result"])',
             ]
         )
-        return (
-            timeseries.Panel()
-            .title(title)
-            .datasource(DATASOURCE)
-            .with_target(Flux(query))
-            .grid_pos(grid)
-        )
+        return _panel(timeseries.Panel, title, query, grid)
 
     feed_age = "\n".join(
         [
@@ -581,28 +562,20 @@ def health_dashboard() -> db.Dashboard:
         )
         .with_panel(rate('r.stage == "quality"', "Data-quality faults", _grid(12, 8, 12, 8)))
         .with_panel(
-            timeseries.Panel()
-            .title("Write latency")
-            .datasource(DATASOURCE)
-            .unit("ms")
-            .with_target(Flux(latency))
-            .grid_pos(_grid(0, 16, 12, 8))
+            _panel(timeseries.Panel, "Write latency", latency, _grid(0, 16, 12, 8)).unit("ms")
         )
         .with_panel(
-            timeseries.Panel()
-            .title("Feed age per system")
-            .datasource(DATASOURCE)
+            _panel(timeseries.Panel, "Feed age per system", feed_age, _grid(12, 16, 12, 8))
             .unit("s")
-            .with_target(Flux(feed_age))
-            .grid_pos(_grid(12, 16, 12, 8))
             .thresholds(_thresholds((None, "green"), (300, "red")))
         )
         .with_panel(
-            timeseries.Panel()
-            .title("Spool: lines waiting, oldest age (s), dropped")
-            .datasource(DATASOURCE)
-            .with_target(Flux(spool))
-            .grid_pos(_grid(0, 24, 24, 8))
+            _panel(
+                timeseries.Panel,
+                "Spool: lines waiting, oldest age (s), dropped",
+                spool,
+                _grid(0, 24, 24, 8),
+            )
         )
     )
 
@@ -645,25 +618,21 @@ def flows_dashboard() -> db.Dashboard:
             )
         )
         .with_panel(
-            timeseries.Panel()
-            .title("Bikes taken (undocks) and returned (docks), all stations")
-            .datasource(DATASOURCE)
-            .with_target(Flux(over_time))
-            .grid_pos(_grid(0, 0, 24, 9))
+            _panel(
+                timeseries.Panel,
+                "Bikes taken (undocks) and returned (docks), all stations",
+                over_time,
+                _grid(0, 0, 24, 9),
+            )
         )
+        .with_panel(_panel(table.Panel, "Busiest stations", busiest, _grid(0, 9, 10, 12)))
         .with_panel(
-            table.Panel()
-            .title("Busiest stations")
-            .datasource(DATASOURCE)
-            .with_target(Flux(busiest))
-            .grid_pos(_grid(0, 9, 10, 12))
-        )
-        .with_panel(
-            timeseries.Panel()
-            .title("Net flow at ${station} (docks - undocks)")
-            .datasource(DATASOURCE)
-            .with_target(Flux(net))
-            .grid_pos(_grid(10, 9, 14, 12))
+            _panel(
+                timeseries.Panel,
+                "Net flow at ${station} (docks - undocks)",
+                net,
+                _grid(10, 9, 14, 12),
+            )
         )
     )
 
