@@ -406,7 +406,6 @@ class Collector:
         if closer.is_alive():
             self.sink.stop_retrying()
             closer.join()
-        self.close()
         event(log, logging.INFO, "stopped")
 
     def _shutdown(self, scheduler: BackgroundScheduler) -> None:
@@ -419,6 +418,7 @@ class Collector:
             self._fatal(exc)
 
     def close(self) -> None:
+        """Close the sources' HTTP sessions; for whoever made the collector, after run()."""
         for system in self.systems:
             system.close()
         for poller in self.patients:

@@ -47,7 +47,6 @@ DATASOURCE_UID = "livestack-influxdb"
 DATASOURCE = cm.DataSourceRef(type_val="influxdb", uid=DATASOURCE_UID)
 FOLDER = "Livestack"
 DASHBOARDS_PATH = "/etc/grafana/provisioning/dashboards/livestack"
-READER_TOKEN_FILE = "/run/tokens/reader/influxdb-reader-token"
 
 UID_BIKES = "livestack-bikes-live"
 UID_HISTORY = "livestack-station-history"

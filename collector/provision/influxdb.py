@@ -126,6 +126,8 @@ def continuous_query(
 
 
 def _seconds(duration: str) -> int:
+    """Seconds in a duration: Flux/InfluxQL literals ("1h") and Go's ("720h0m0s"; "0s" is
+    an infinite retention policy)."""
     total = 0
     for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d|w)", duration):
         scale = {
@@ -183,8 +185,8 @@ def setup_v1(settings: Settings, client: InfluxV1Writer) -> list[Step]:
             )
             changed = True
         elif (
-            _go_seconds(current["duration"]) != want_secs
-            or _go_seconds(current["shardGroupDuration"]) != shard_hours(hours) * 3600
+            _seconds(current["duration"]) != want_secs
+            or _seconds(current["shardGroupDuration"]) != shard_hours(hours) * 3600
             or not current["default"]
         ):
             client.query(
@@ -216,11 +218,6 @@ def setup_v1(settings: Settings, client: InfluxV1Writer) -> list[Step]:
             client.query(statement)
             steps.append(Step("continuous query", name, "updated" if stale else "created"))
     return steps
-
-
-def _go_seconds(value: str) -> int:
-    """'720h0m0s' -> 2592000; '0s' (infinite) -> 0."""
-    return _seconds(value)
 
 
 # ---------------------------------------------------------------------------------- 2.x

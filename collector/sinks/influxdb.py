@@ -353,9 +353,6 @@ class InfluxV2Writer(InfluxWriter):
 
     def call(self, what: str, func: Callable[[], Any]) -> Any:
         """Run an influxdb-client call, its failures classified as ours."""
-        return self._call(what, func)
-
-    def _call(self, what: str, func: Callable[[], Any]) -> Any:
         try:
             return func()
         except ApiException as exc:
@@ -379,7 +376,7 @@ class InfluxV2Writer(InfluxWriter):
             raise Failure("connection", f"{what}: {type(exc).__name__}", stage="write") from exc
 
     def _send(self, bucket: str, body: bytes, gzipped: bool, precision: Precision) -> None:
-        self._call(
+        self.call(
             "write",
             lambda: self._write_service.post_write(
                 org=self.settings.org,
@@ -392,7 +389,7 @@ class InfluxV2Writer(InfluxWriter):
         )
 
     def ping(self) -> str:
-        return str(self._call("ping", self._client.version))
+        return str(self.call("ping", self._client.version))
 
 
 def make_writer(settings: InfluxDBSettings, **kwargs: Any) -> InfluxWriter:

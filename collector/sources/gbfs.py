@@ -209,15 +209,6 @@ class Station:
     facts: tuple[int | None, float | None, float | None, str | None]
 
     @property
-    def name(self) -> str | None:
-        return self.facts[3]
-
-    @property
-    def position(self) -> tuple[float, float] | None:
-        lat, lon = self.facts[1], self.facts[2]
-        return None if lat is None or lon is None else (lat, lon)
-
-    @property
     def capacity(self) -> int | None:
         return self.facts[0]
 
