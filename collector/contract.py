@@ -104,6 +104,7 @@ PATIENT = Measurement(
 COLLECTOR_BUCKET = "collector"  # the collector's own metrics
 BIKES_1H_BUCKET = "bikes_1h"
 PRESSURE_1M_BUCKET = "pressure_1m"
+TRIPS_BUCKET = "trips"  # trip history: years old by nature, so kept forever
 
 # Every bucket, with its default retention in hours (0 = forever); settings may change both
 # names and retentions.
@@ -114,6 +115,7 @@ BUCKETS: dict[str, float] = {
     COLLECTOR_BUCKET: 7 * 24,
     BIKES_1H_BUCKET: 2 * 365 * 24,
     PRESSURE_1M_BUCKET: 90 * 24,
+    TRIPS_BUCKET: 0,
 }
 
 
@@ -214,7 +216,7 @@ SPOOL = Measurement(
 
 # What the collector writes (an encoder is compiled for each).
 STATION_FLOW = Measurement(
-    bucket=BIKES_BUCKET,
+    bucket=TRIPS_BUCKET,
     name="station_flow",
     tags=("station_id", "system"),
     fields={

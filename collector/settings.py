@@ -37,6 +37,7 @@ from collector.contract import (
     COLLECTOR_BUCKET,
     PRESSURE_1M_BUCKET,
     PRESSURE_BUCKET,
+    TRIPS_BUCKET,
 )
 
 CONFIG_ENV = "COLLECTOR_CONFIG"
@@ -220,6 +221,21 @@ class BucketsSettings(_Section):
     collector: BucketSettings = _bucket(COLLECTOR_BUCKET)
     bikes_1h: BucketSettings = _bucket(BIKES_1H_BUCKET)
     pressure_1m: BucketSettings = _bucket(PRESSURE_1M_BUCKET)
+    trips: BucketSettings = _bucket(TRIPS_BUCKET)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_defaults_to_key(cls, data: Any) -> Any:
+        # `[buckets.bikes] retention_hours = 0` alone must keep the name "bikes" and the
+        # retention given; an omitted retention keeps the contract's default.
+        if not isinstance(data, dict):
+            return data
+        filled = {}
+        for key, value in data.items():
+            if isinstance(value, dict) and key in BUCKETS:
+                value = {"name": key, "retention_hours": BUCKETS[key], **value}
+            filled[key] = value
+        return filled
 
     def of(self, logical: str) -> BucketSettings:
         bucket: BucketSettings = getattr(self, logical)
