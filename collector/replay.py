@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from collector.contract import STATION_FLOW, Precision
+from collector.http import redact_url
 from collector.lineprotocol import Encoder, Row
 from collector.logs import event
-from collector.sinks.influxdb import WriteReport
+from collector.provision.influxdb import duration_secs
+from collector.settings import InfluxDBSettings
+from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, WriteReport, make_writer
 from collector.sources import gbfs
 from collector.sources.trips import Flows, Progress, open_texts
 
@@ -76,6 +79,152 @@ class ProgressLine:
             self.stream.flush()
         else:
             event(log, logging.INFO, "replay_progress", progress=self.text())
+
+
+# ------------------------------------------------------------------ retention pre-flight
+
+
+class PreflightError(Exception):
+    """The target cannot keep this data as it is; nothing was written. Exit 2."""
+
+
+@dataclass(frozen=True)
+class Retention:
+    bucket: str  # the configured name (v2 bucket, v1 database)
+    secs: int  # 0 = forever
+    where: str  # the server's URL, without credentials
+
+    def describe(self) -> str:
+        return "forever" if self.secs == 0 else f"{self.secs / 3600:g}h"
+
+    def cutoff(self, now: float) -> float | None:
+        """Points stamped before this are dropped by the server on write."""
+        return None if self.secs == 0 else now - self.secs
+
+
+def read_retention(influxdb: InfluxDBSettings, bucket: str) -> Retention:
+    """The retention the server applies to writes into ``bucket`` (its configured name): the
+    1.x database's retention policy (``retention_policy``, else the default one), or the 2.x
+    bucket's expire rule.
+
+    Raises Failure when the server cannot be reached or refuses us, PreflightError when the
+    bucket does not exist (or the token cannot see it).
+    """
+    where = redact_url(influxdb.url)
+    writer = make_writer(influxdb)
+    try:
+        if isinstance(writer, InfluxV1Writer):
+            secs = _v1_retention_secs(writer, bucket, influxdb.retention_policy, where)
+        else:
+            assert isinstance(writer, InfluxV2Writer)
+            secs = _v2_retention_secs(writer, bucket, influxdb.org, where)
+    finally:
+        writer.close()
+    return Retention(bucket, secs, where)
+
+
+def _v1_retention_secs(
+    writer: InfluxV1Writer, database: str, policy: str | None, where: str
+) -> int:
+    names = {
+        row[0]
+        for result in writer.query("SHOW DATABASES")
+        for series in result.get("series", [])
+        for row in series.get("values", [])
+    }
+    if database not in names:
+        raise PreflightError(
+            f"database {database!r} does not exist at {where}: run collector setup"
+        )
+    for result in writer.query(f'SHOW RETENTION POLICIES ON "{database}"'):
+        for series in result.get("series", []):
+            columns = series["columns"]
+            for values in series.get("values", []):
+                rp = dict(zip(columns, values, strict=True))
+                if rp["name"] == policy or (policy is None and rp["default"]):
+                    return duration_secs(rp["duration"])
+    raise PreflightError(
+        f"database {database!r} at {where} has no retention policy {policy or '(default)'!r}"
+    )
+
+
+def _v2_retention_secs(writer: InfluxV2Writer, bucket: str, org: str, where: str) -> int:
+    # GET /api/v2/buckets?name=&org= (InfluxDB 2 API reference, "List buckets"); a token that
+    # may not read the bucket gets an empty list, as for a bucket that does not exist.
+    found = writer.call(
+        "find bucket", lambda: writer.client.buckets_api().find_buckets(name=bucket, org=org)
+    )
+    buckets = [b for b in (found.buckets or []) if b.name == bucket]
+    if not buckets:
+        raise PreflightError(
+            f"bucket {bucket!r} not found in org {org!r} at {where}, or the token may not read "
+            "it: run collector setup, or use a token that can read the bucket"
+        )
+    rules = [r for r in buckets[0].retention_rules or [] if r.type == "expire"]
+    return int(rules[0].every_seconds or 0) if rules else 0
+
+
+def _utc(secs: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(secs))
+
+
+def check_retention(
+    retention: Retention,
+    oldest_secs: float,
+    newest_secs: float,
+    *,
+    source: str,
+    now: float,
+    shift_option: str | None = "--shift-to-now",
+    config_key: str | None = None,
+) -> None:
+    """Raise PreflightError when the server would drop part of [oldest, newest] as older than
+    the bucket's retention; the message names the data's span, the bucket, its retention and
+    the ways out."""
+    cutoff = retention.cutoff(now)
+    if cutoff is None or oldest_secs >= cutoff:
+        return
+    key = f"[buckets.{config_key}] " if config_key else ""
+    ways = (
+        f"a bucket with longer retention ({key}retention_hours, 0 = forever, then collector setup)"
+    )
+    if shift_option:
+        ways += f", or {shift_option} to move the data so that its last minute is now"
+    part = "all of it" if newest_secs < cutoff else f"everything before {_utc(cutoff)}"
+    raise PreflightError(
+        f"{source}: data from {_utc(oldest_secs)} to {_utc(newest_secs)}, but bucket "
+        f"{retention.bucket!r} at {retention.where} keeps {retention.describe()}, so the server "
+        f"would drop {part}; nothing written. Ways out: {ways}"
+    )
+
+
+def retention_preflight(
+    influxdb: InfluxDBSettings,
+    bucket: str,
+    oldest_secs: float,
+    newest_secs: float,
+    *,
+    source: str,
+    now: float | None = None,
+    shift_option: str | None = None,
+    config_key: str | None = None,
+) -> Retention:
+    """Before a historical write: read ``bucket``'s retention from the server and refuse
+    (PreflightError) data it would drop. Failure when the server cannot be reached."""
+    retention = read_retention(influxdb, bucket)
+    check_retention(
+        retention,
+        oldest_secs,
+        newest_secs,
+        source=source,
+        now=time.time() if now is None else now,
+        shift_option=shift_option,
+        config_key=config_key,
+    )
+    return retention
+
+
+# --------------------------------------------------------------------------- reading
 
 
 def read_flows(

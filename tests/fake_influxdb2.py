@@ -152,10 +152,18 @@ class FakeInfluxDB2:
             with self._lock:
                 self.buckets[doc["name"]] = bucket
             return Reply(201, json.dumps(bucket).encode(), {"Content-Type": "application/json"})
-        query = parse_qs(request.query)
+        # GET /api/v2/buckets (API reference, "List buckets"): filtered by `name`, in the org
+        # named by `org` or `orgID`; an unknown org is a 404. Each bucket carries its
+        # `retentionRules` ([{type: "expire", everySeconds, shardGroupDurationSeconds}], empty =
+        # forever), which is what the replay's retention pre-flight reads.
+        query = {k: v[0] for k, v in parse_qs(request.query).items()}
+        if query.get("org", self.org) != self.org or query.get("orgID", self.org_id) != self.org_id:
+            return self._error(
+                404, "not found", f'organization name "{query.get("org")}" not found'
+            )
         found = list(self.buckets.values())
         if "name" in query:
-            found = [b for b in found if b["name"] == query["name"][0]]
+            found = [b for b in found if b["name"] == query["name"]]
         return Reply(
             200, json.dumps({"buckets": found}).encode(), {"Content-Type": "application/json"}
         )

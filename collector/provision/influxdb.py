@@ -114,7 +114,7 @@ def continuous_query(
     selects = ", ".join(
         f'{fn}("{field}") AS "{field}_{fn}"' for field in ds.fields for fn in ds.functions
     )
-    every_secs = _seconds(ds.every)
+    every_secs = duration_secs(ds.every)
     body = (
         f"RESAMPLE EVERY {ds.every} FOR {every_secs + offset_secs}s BEGIN SELECT {selects} "
         f'INTO "{target}"."{rp}"."{ds.target.name}" FROM "{ds.source.name}" '
@@ -125,7 +125,7 @@ def continuous_query(
     return source, name, f'CREATE CONTINUOUS QUERY "{name}" ON "{source}" {body}'
 
 
-def _seconds(duration: str) -> int:
+def duration_secs(duration: str) -> int:
     """Seconds in a duration: Flux/InfluxQL literals ("1h") and Go's ("720h0m0s"; "0s" is
     an infinite retention policy)."""
     total = 0
@@ -185,8 +185,8 @@ def setup_v1(settings: Settings, client: InfluxV1Writer) -> list[Step]:
             )
             changed = True
         elif (
-            _seconds(current["duration"]) != want_secs
-            or _seconds(current["shardGroupDuration"]) != shard_hours(hours) * 3600
+            duration_secs(current["duration"]) != want_secs
+            or duration_secs(current["shardGroupDuration"]) != shard_hours(hours) * 3600
             or not current["default"]
         ):
             client.query(
