@@ -11,14 +11,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from collector import __version__, logs, settings
+from collector import __version__, logs, replay, settings
+from collector.contract import ANOMALY, EVENTS, PRESSURE, STATION_STATUS, TRIPS_BUCKET
 from collector.http import redact_url
 from collector.retry import Failure
 from collector.scheduler import Collector
-from collector.sinks.influxdb import AuthError, InfluxWriter, make_writer
+from collector.sinks.influxdb import AuthError, InfluxWriter, api_mismatch, make_writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolBusy, SpoolingSink
 from collector.sinks.stdout import StdoutSink
 from collector.sources.gbfs import GbfsSystem
+from collector.sources.pressure import PatientPoller
+from collector.sources.trips import Flows, Progress, TripFileError
 
 log = logging.getLogger("collector")
 
@@ -65,7 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         "--backfill", action="store_true", help="historical times, full speed (default)"
     )
     mode.add_argument("--speed", type=float, help="replay live at this many times real time")
-    replay.add_argument("--timezone", default="America/New_York", help="of the file's times")
+    replay.add_argument(
+        "--shift-to-now",
+        action="store_true",
+        help="backfill: move every minute by one offset so that the last one is now",
+    )
+    replay.add_argument(
+        "--timezone",
+        default="America/New_York",
+        help="IANA zone of the file's times (default: %(default)s)",
+    )
     replay.add_argument("--dry-run", action="store_true", help="print line protocol instead")
 
     simulate = commands.add_parser(
@@ -187,23 +199,92 @@ def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
 
 
 def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
-    from collector import replay
-    from collector.sources.trips import Flows, Progress, TripFileError
-
-    if args.speed is not None and args.speed <= 0:
-        print("collector: --speed must be above 0", file=sys.stderr)
+    problem = _replay_options_problem(args)
+    if problem:
+        print(f"collector: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    for path in args.files:
-        if not path.is_file():
-            print(f"collector: no such file: {path}", file=sys.stderr)
+    bucket = config.buckets.of(TRIPS_BUCKET).name
+    retention = None
+    if not args.dry_run:
+        # Before reading a file that may take a while: the database answers, the bucket exists.
+        try:
+            retention = replay.read_retention(config.influxdb, bucket)
+        except replay.PreflightError as exc:
+            print(f"collector: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        except Failure as failure:
+            print(
+                f"collector: InfluxDB at {redact_url(config.influxdb.url)} cannot be used: "
+                f"{failure}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
+    writer = (
+        None if args.dry_run else make_writer(config.influxdb, bucket_names=config.buckets.names())
+    )
+    stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        # Not from the handler itself: it may interrupt this thread inside an Event's lock.
+        def stopping() -> None:
+            stop.set()
+            if writer is not None:
+                writer.stop_retrying()
+
+        threading.Thread(target=stopping, daemon=True).start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
     rename = _station_matcher(config, args.system)
     flows, progress = Flows(timezone=args.timezone), Progress()
+    bar = replay.ProgressLine()
     try:
-        replay.read_flows(args.files, flows, progress, replay.ProgressLine(progress))
+        return _replay_flows(config, args, flows, progress, bar, writer, retention, rename, stop)
     except TripFileError as exc:
         print(f"collector: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except replay.PreflightError as exc:
+        print(f"collector: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except replay.Stopped:
+        logs.event(log, logging.WARNING, "replay_stopped", detail="signal: stopped before the end")
+        return EXIT_FAILURES
+    finally:
+        flows.close()
+        if writer is not None:
+            writer.close()
+
+
+def _replay_options_problem(args: argparse.Namespace) -> str | None:
+    import math
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if args.speed is not None and not (math.isfinite(args.speed) and args.speed > 0):
+        return f"--speed {args.speed}: must be a finite number above 0 (60 = an hour a minute)"
+    if args.shift_to_now and args.speed is not None:
+        return "--shift-to-now is for backfills; --speed already stamps minutes with now"
+    try:
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"--timezone {args.timezone}: unknown time zone (an IANA name: America/New_York)"
+    for path in args.files:
+        if not path.is_file():
+            return f"no such file: {path}"
+    return None
+
+
+def _replay_flows(
+    config: settings.Settings,
+    args: argparse.Namespace,
+    flows: Flows,
+    progress: Progress,
+    bar: replay.ProgressLine,
+    writer: InfluxWriter | None,
+    retention: replay.Retention | None,
+    rename: Callable[[str], str],
+    stop: threading.Event,
+) -> int:
+    replay.read_flows(args.files, flows, progress, bar, stop=stop.is_set)
     logs.event(
         log,
         logging.INFO,
@@ -213,25 +294,36 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
         stations=len(flows.stations),
         bad=",".join(f"{k}:{n}" for k, n in sorted(flows.bad.items())) or None,
     )
-    # Replays write directly, without the spool: a live collector may hold it.
-    sink = (
-        StdoutSink()
-        if args.dry_run
-        else make_writer(config.influxdb, bucket_names=config.buckets.names())
-    )
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        if args.speed is not None:
-            outcome = replay.live(
-                flows, sink, args.system, args.speed, rename, sleep=stop.wait, stop=stop.is_set
-            )
-        else:
-            outcome = replay.backfill(flows, sink, args.system, rename)
-    finally:
-        flows.close()
-        sink.close()
+    source = ", ".join(str(p) for p in args.files)
+    span = flows.span()
+    if span is None:
+        print(f"collector: {source}: no usable trip in {progress.rows} rows", file=sys.stderr)
+        return EXIT_CONFIG
+    shift_secs = 0
+    if args.shift_to_now:
+        shift_secs = (int(time.time()) // 60 - span[1]) * 60
+        logs.event(
+            log, logging.INFO, "replay_shift", offset_secs=shift_secs, detail="last minute = now"
+        )
+    if retention is not None:
+        replay.check_retention(
+            retention,
+            span[0] * 60 + shift_secs,
+            span[1] * 60 + shift_secs,
+            source=source,
+            now=time.time(),
+            shift_option=None if args.shift_to_now else "--shift-to-now",
+            config_key=TRIPS_BUCKET,
+        )
+    sink = StdoutSink() if writer is None else writer
+    if args.speed is not None:
+        outcome = replay.live(
+            flows, sink, args.system, args.speed, rename, sleep=stop.wait, stop=stop.is_set, bar=bar
+        )
+    else:
+        outcome = replay.backfill(
+            flows, sink, args.system, rename, shift_secs=shift_secs, bar=bar, stop=stop.is_set
+        )
     logs.event(
         log,
         logging.INFO,
@@ -247,8 +339,6 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
 def _station_matcher(config: settings.Settings, system: str) -> Callable[[str], str]:
     """Trip-file ids -> the station_id of the same system's GBFS feed, when it is configured,
     so that flows and availability share station_id tags."""
-    from collector import replay
-
     live_system = next((s for s in config.gbfs.systems if s.name == system), None)
     if live_system is None:
         return lambda station_id: station_id
@@ -295,44 +385,99 @@ def _dashboards(config: settings.Settings, args: argparse.Namespace) -> int:
 
 
 def _check(config: settings.Settings, args: argparse.Namespace) -> int:
-    ok = True
-    db = config.influxdb
-    print(f"influxdb: {db.api} {redact_url(db.url)}", end=" ... ", flush=True)
-    writer = make_writer(db)
-    try:
-        print(f"ok (version {writer.ping()})")
-    except Failure as failure:
-        ok = False
-        print(f"FAILED: {failure}")
-    finally:
-        writer.close()
+    """Prove what ``run`` needs: the server speaks the configured API, the credentials may
+    write to every bucket the collector writes, and every feed and patient answers."""
+    ok = _check_database(config)
     print(_spool_report(config))
     if not config.gbfs.systems:
         print("gbfs: no system configured")
     for system_settings in config.gbfs.systems:
-        system = GbfsSystem(system_settings)
-        print(f"gbfs {system.name}:", end=" ", flush=True)
+        ok = _check_system(system_settings) and ok
+    if config.pressure.url:
+        ok = _check_patients(config.pressure) and ok
+    else:
+        print("pressure: no url configured")
+    return EXIT_OK if ok else EXIT_FAILURES
+
+
+def _written_buckets(config: settings.Settings) -> list[str]:
+    buckets = [STATION_STATUS.bucket] if config.gbfs.systems else []
+    if config.pressure.url:
+        buckets += [PRESSURE.bucket, ANOMALY.bucket]
+    return [*buckets, EVENTS.bucket]
+
+
+def _check_database(config: settings.Settings) -> bool:
+    db = config.influxdb
+    print(f"influxdb: {db.api} {redact_url(db.url)}", end=" ... ", flush=True)
+    writer = make_writer(db, bucket_names=config.buckets.names())
+    try:
+        version = writer.ping()
+        mismatch = api_mismatch(db.api, version)
+        if mismatch:
+            print(f"FAILED: {mismatch}")
+            return False
+        problems = []
+        for bucket in _written_buckets(config):
+            try:
+                writer.probe(bucket)
+            except (Failure, AuthError) as exc:
+                problems.append(str(exc))
+        if problems:
+            print(f"FAILED (version {version}):")
+            for problem in dict.fromkeys(problems):
+                print(f"  {problem}")
+            return False
+        print(f"ok (version {version}; may write to {', '.join(_written_buckets(config))})")
+        return True
+    except Failure as failure:
+        print(f"FAILED: {failure}")
+        return False
+    finally:
+        writer.close()
+
+
+def _check_system(system_settings: settings.GbfsSystemSettings) -> bool:
+    system = GbfsSystem(system_settings)
+    print(f"gbfs {system.name}:", end=" ", flush=True)
+    try:
+        poll = system.poll()
+    except Failure as failure:
+        print(f"FAILED at {failure.stage}: {failure}")
+        return False
+    finally:
+        system.close()
+    age = f", data {time.time() - poll.feed_time:.0f}s old" if poll.feed_time else ""
+    quality = ", ".join(f"{k} {n}" for k, n in sorted(poll.quality.items()))
+    if system_settings.url is None:
+        version = "(direct feed URLs, no gbfs.json)"
+    else:
+        version = system.version or "1.0 (gbfs.json has no version)"
+    print(
+        f"ok, GBFS {version}, {poll.stations} stations{age}"
+        + (f"; data-quality faults: {quality}" if quality else "")
+    )
+    for failure in poll.errors:
+        print(f"  warning: {failure}")
+    return True
+
+
+def _check_patients(source: settings.PressureSettings) -> bool:
+    ok = True
+    for patient in source.patients:
+        poller = PatientPoller(source, patient)
+        print(f"pressure {poller.name}:", end=" ", flush=True)
         try:
-            poll = system.poll()
+            reading = poller.poll()
         except Failure as failure:
             ok = False
             print(f"FAILED at {failure.stage}: {failure}")
             continue
         finally:
-            system.close()
-        age = f", data {time.time() - poll.feed_time:.0f}s old" if poll.feed_time else ""
-        quality = ", ".join(f"{k} {n}" for k, n in sorted(poll.quality.items()))
-        if system_settings.url is None:
-            version = "(direct feed URLs, no gbfs.json)"
-        else:
-            version = system.version or "1.0 (gbfs.json has no version)"
-        print(
-            f"ok, GBFS {version}, {poll.stations} stations{age}"
-            + (f"; data-quality faults: {quality}" if quality else "")
-        )
-        for failure in poll.errors:
-            print(f"  warning: {failure}")
-    return EXIT_OK if ok else EXIT_FAILURES
+            poller.close()
+        flagged = sum(reading.anomalies)
+        print(f"ok, {len(reading.values)} sensors" + (f", {flagged} flagged" if flagged else ""))
+    return ok
 
 
 def _simulate(args: argparse.Namespace) -> int:

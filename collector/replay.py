@@ -25,7 +25,7 @@ from collector.provision.influxdb import duration_secs
 from collector.settings import InfluxDBSettings
 from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, WriteReport, make_writer
 from collector.sources import gbfs
-from collector.sources.trips import Flows, Progress, open_texts
+from collector.sources.trips import Flows, Progress, read_file
 
 log = logging.getLogger(__name__)
 CHUNK = 5000
@@ -44,41 +44,64 @@ class Outcome:
 
 
 class ProgressLine:
-    """rows, rows/s and ETA on one terminal line; a log line every 10 s when not a terminal."""
+    """Progress of a stage (reading, writing, replaying): count, rate and ETA, redrawn on one
+    terminal line twice a second, or a log line every 10 s when stderr is not a terminal."""
 
     def __init__(
         self,
-        progress: Progress,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        every_secs: float | None = None,
     ) -> None:
-        self.progress = progress
         self.stream = stream or sys.stderr
         self.clock = clock
-        self.started = clock()
-        self._last = 0.0
         self._tty = self.stream.isatty()
+        self.every_secs = every_secs if every_secs is not None else 0.5 if self._tty else 10.0
+        self._stage = ""
+        self._started = self._last = 0.0
 
-    def text(self) -> str:
-        elapsed = max(self.clock() - self.started, 1e-9)
-        p = self.progress
-        rate = p.rows / elapsed
+    def text(self, stage: str, done: int, unit: str, fraction: float | None) -> str:
+        elapsed = max(self.clock() - self._started, 1e-9)
         eta = "?"
-        if p.bytes_read and p.bytes_total:
-            remaining = elapsed * (p.bytes_total - p.bytes_read) / p.bytes_read
+        if fraction:
+            remaining = max(0.0, elapsed * (1 - fraction) / fraction)
             eta = f"{int(remaining // 60)}:{int(remaining % 60):02d}"
-        return f"rows {p.rows:,}  {rate:,.0f} rows/s  ETA {eta}"
+        return f"{stage}: {unit} {done:,}  {done / elapsed:,.0f} {unit}/s  ETA {eta}"
 
-    def tick(self, final: bool = False) -> None:
+    def update(
+        self,
+        stage: str,
+        done: int,
+        *,
+        unit: str = "rows",
+        fraction: float | None = None,
+        final: bool = False,
+    ) -> None:
+        """Report ``done`` units of ``stage``, ``fraction`` of it (for the ETA) when known."""
         now = self.clock()
-        if not final and now - self._last < (0.5 if self._tty else 10.0):
+        if stage != self._stage:
+            self._stage, self._started, self._last = stage, now, now
+        if not final and now - self._last < self.every_secs:
             return
         self._last = now
         if self._tty:
-            self.stream.write("\r" + self.text() + ("\n" if final else ""))
+            text = self.text(stage, done, unit, 1.0 if final else fraction)
+            self.stream.write("\r" + text + ("\n" if final else ""))
             self.stream.flush()
-        else:
-            event(log, logging.INFO, "replay_progress", progress=self.text())
+            return
+        elapsed = max(now - self._started, 1e-9)
+        remaining = elapsed * (1 - fraction) / fraction if fraction and not final else None
+        event(
+            log,
+            logging.INFO,
+            "replay_progress",
+            stage=stage,
+            unit=unit,
+            done=done,
+            per_sec=round(done / elapsed),
+            eta_secs=None if remaining is None else round(remaining),
+            final=final or None,
+        )
 
 
 # ------------------------------------------------------------------ retention pre-flight
@@ -227,16 +250,30 @@ def retention_preflight(
 # --------------------------------------------------------------------------- reading
 
 
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C while reading or writing."""
+
+
 def read_flows(
-    paths: Iterable[Path], flows: Flows, progress: Progress, bar: ProgressLine | None
+    paths: Iterable[Path],
+    flows: Flows,
+    progress: Progress,
+    bar: ProgressLine | None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> None:
+    """Read every file into ``flows``; TripFileError names a file that cannot be used."""
+
+    def tick() -> None:
+        if stop():
+            raise Stopped
+        if bar is not None:
+            fraction = progress.bytes_read / progress.bytes_total if progress.bytes_total else None
+            bar.update("reading", progress.rows, fraction=fraction)
+
     for path in paths:
-        for text in open_texts(path, progress):
-            flows.add_file(text, progress)
-            if bar is not None:
-                bar.tick()
+        read_file(path, flows, progress, tick)
     if bar is not None:
-        bar.tick(final=True)
+        bar.update("reading", progress.rows, final=True)
 
 
 def gbfs_ids(catalog: gbfs.Catalog) -> dict[str, str]:
@@ -260,15 +297,41 @@ def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
         yield chunk
 
 
-def backfill(flows: Flows, sink: Sink, system: str, rename: Callable[[str], str]) -> Outcome:
+def backfill(
+    flows: Flows,
+    sink: Sink,
+    system: str,
+    rename: Callable[[str], str],
+    *,
+    shift_secs: int = 0,
+    bar: ProgressLine | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> Outcome:
+    """Every (station, minute) at its minute (+ ``shift_secs``), in batches of CHUNK rows;
+    stops between batches when ``stop()`` says so."""
     encoder = Encoder(STATION_FLOW)
     outcome = Outcome(trips=flows.trips)
-    for chunk in _chunks((row for _m, row in flows.rows(system, rename=rename)), CHUNK):
+    total = flows.size()
+    rows = (
+        (tags, values, stamp + shift_secs)
+        for _m, (tags, values, stamp) in flows.rows(system, rename=rename)
+    )
+    for chunk in _chunks(rows, CHUNK):
+        if stop():
+            raise Stopped
         lines, _empty = encoder.lines(chunk)
-        report = sink.write(STATION_FLOW.bucket, lines, "s")
-        outcome.rows_written += report.written + report.spooled
-        outcome.rows_failed += report.failed + report.rejected
+        _count(outcome, sink.write(STATION_FLOW.bucket, lines, "s"))
+        if bar is not None:
+            done = outcome.rows_written + outcome.rows_failed
+            bar.update("writing", done, fraction=done / total if total else None)
+    if bar is not None:
+        bar.update("writing", outcome.rows_written + outcome.rows_failed, final=True)
     return outcome
+
+
+def _count(outcome: Outcome, report: WriteReport) -> None:
+    outcome.rows_written += report.written + report.spooled
+    outcome.rows_failed += report.failed + report.rejected
 
 
 def live(
@@ -281,12 +344,17 @@ def live(
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], object] = time.sleep,
     stop: Callable[[], bool] = lambda: False,
+    bar: ProgressLine | None = None,
 ) -> Outcome:
-    """Emit minute after minute, ``speed`` times faster than they happened."""
+    """Emit minute after minute, ``speed`` times faster than they happened. Each minute gets
+    a later millisecond than the one before, however high the speed: two minutes on one
+    timestamp would overwrite each other."""
     encoder = Encoder(STATION_FLOW)
     outcome = Outcome(trips=flows.trips)
+    span = flows.span()
     started = clock()
     first: int | None = None
+    last_ms = 0
     for minute, group in groupby(
         flows.rows(system, by_minute=True, rename=rename), key=lambda mr: mr[0]
     ):
@@ -298,11 +366,19 @@ def live(
             sleep(wait)
         if stop():
             break
-        stamp_ms = round(due * 1000)
+        stamp_ms = last_ms = max(round(due * 1000), last_ms + 1)
         rows = [(tags, values, stamp_ms) for _m, (tags, values, _t) in group]
         lines, _empty = encoder.lines(rows)
-        report = sink.write(STATION_FLOW.bucket, lines, "ms")
-        outcome.rows_written += report.written + report.spooled
-        outcome.rows_failed += report.failed + report.rejected
+        _count(outcome, sink.write(STATION_FLOW.bucket, lines, "ms"))
         outcome.minutes += 1
+        if bar is not None and span is not None:
+            length = span[1] - span[0]
+            bar.update(
+                "replaying",
+                outcome.minutes,
+                unit="minutes",
+                fraction=(minute - span[0]) / length if length else 1.0,
+            )
+    if bar is not None:
+        bar.update("replaying", outcome.minutes, unit="minutes", final=True)
     return outcome

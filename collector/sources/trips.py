@@ -20,6 +20,7 @@ import io
 import sqlite3
 import tempfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ assert STATION_FLOW.field_names == ("docks", "lat", "lon", "name", "net", "undoc
 
 BAD_ROW_KINDS = ("no_end_station", "no_start_station", "negative_duration", "bad_time", "short_row")
 _DOCK = 1 << 32  # a count's value packs docks in the high half, undocks in the low half
+TICK_ROWS = 4096  # progress is offered this often while reading
 
 
 class TripFileError(Exception):
@@ -108,18 +110,19 @@ def detect_schema(header: list[str]) -> tuple[Schema, list[int]]:
 
 
 class _Counting(io.RawIOBase):
-    """Counts bytes read from a binary file, for progress and ETA."""
+    """Counts bytes read from a binary file into ``progress`` as they are read, so that the
+    ETA moves while a file is being read, not once it is closed."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], progress: Progress) -> None:
         self._raw = raw
-        self.count = 0
+        self._progress = progress
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
-        self.count += n or 0
+        self._progress.bytes_read += n or 0
         return n
 
     def seekable(self) -> bool:
@@ -146,22 +149,55 @@ class Progress:
 def open_texts(path: Path, progress: Progress) -> Iterator[IO[str]]:
     """The CSV texts in ``path``: itself, its gunzipped content, or each CSV in a zip."""
     progress.bytes_total += path.stat().st_size
-    raw = _Counting(path.open("rb"))
+    raw = _Counting(path.open("rb"), progress)
     try:
         if path.suffix == ".zip":
             with zipfile.ZipFile(raw) as archive:  # type: ignore[arg-type]
-                for member in archive.namelist():
-                    if member.lower().endswith(".csv") and not member.startswith("__MACOSX"):
-                        with archive.open(member) as binary:
-                            yield io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+                members = [
+                    m
+                    for m in archive.namelist()
+                    if m.lower().endswith(".csv") and not m.startswith("__MACOSX")
+                ]
+                if not members:
+                    raise TripFileError("a zip with no .csv file in it")
+                for member in members:
+                    with archive.open(member) as binary:
+                        yield io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
         elif path.suffix == ".gz":
             with gzip.GzipFile(fileobj=raw) as binary:  # type: ignore[arg-type]
                 yield io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
         else:
             yield io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig", newline="")
     finally:
-        progress.bytes_read += raw.count
         raw.close()
+
+
+def read_file(
+    path: Path, flows: Flows, progress: Progress, tick: Callable[[], None] | None = None
+) -> None:
+    """Add every trip of ``path`` to ``flows``. Whatever is wrong with the file (not text, not
+    the compression its name says, truncated, empty, a header and no rows) is one
+    TripFileError naming it."""
+    try:
+        for text in open_texts(path, progress):
+            flows.add_file(text, progress, tick)
+    except TripFileError as exc:
+        raise TripFileError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TripFileError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start} of a read); trip files are UTF-8 CSV"
+        ) from None
+    except gzip.BadGzipFile:
+        raise TripFileError(f"{path}: named .gz but not gzip-compressed") from None
+    except zipfile.BadZipFile:
+        raise TripFileError(f"{path}: named .zip but not a zip archive") from None
+    except (EOFError, zlib.error) as exc:
+        raise TripFileError(f"{path}: truncated or damaged compressed data ({exc})") from None
+    except csv.Error as exc:
+        raise TripFileError(f"{path}: not a CSV file ({exc})") from None
+    except OSError as exc:
+        raise TripFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 @dataclass
@@ -208,18 +244,24 @@ class Flows:
         end = datetime.fromisoformat(ended).replace(tzinfo=zone)
         return end < start
 
-    def add_file(self, text: IO[str], progress: Progress) -> None:
+    def add_file(
+        self, text: IO[str], progress: Progress, tick: Callable[[], None] | None = None
+    ) -> None:
+        """Count the trips of one CSV text; ``tick`` is called every few thousand rows."""
         reader = csv.reader(text)
         header = next(reader, None)
         if header is None:
-            return
+            raise TripFileError("empty: no header, no trips")
         _schema, columns = detect_schema(header)
+        rows_before = progress.rows
         widest = max(columns)
         s, e, si, sn, sla, slo, ei, en, ela, elo = columns
         counts, bad = self._counts, self.bad
         minute_of, station_of = self._minute, self._station
         for row in reader:
             progress.rows += 1
+            if tick is not None and not progress.rows % TICK_ROWS:
+                tick()
             if len(row) <= widest:
                 bad["short_row"] += 1
                 continue
@@ -248,6 +290,8 @@ class Flows:
             self.trips += 1
             if len(counts) > self.max_keys_in_memory:
                 self._spill_counts()
+        if progress.rows == rows_before:
+            raise TripFileError("a header and no trips")
 
     # -- spilling
     def _spill_counts(self) -> None:
@@ -268,6 +312,28 @@ class Flows:
     @property
     def spilled(self) -> bool:
         return self._spill is not None
+
+    def span(self) -> tuple[int, int] | None:
+        """(first, last) epoch minute with a dock or undock; None when there is none."""
+        minutes = [key & 0xFFFFFFFF for key in self._counts]
+        bounds = [(min(minutes), max(minutes))] if minutes else []
+        if self._spill is not None:
+            low, high = self._spill.execute(
+                "SELECT MIN(key & 4294967295), MAX(key & 4294967295) FROM flows"
+            ).fetchone()
+            if low is not None:
+                bounds.append((low, high))
+        if not bounds:
+            return None
+        return min(b[0] for b in bounds), max(b[1] for b in bounds)
+
+    def size(self) -> int:
+        """(station, minute) rows that ``rows`` yields."""
+        if self._spill is None:
+            return len(self._counts)
+        self._spill_counts()
+        (count,) = self._spill.execute("SELECT COUNT(*) FROM flows").fetchone()
+        return int(count)
 
     # -- output
     def _packed(self, by_minute: bool) -> Iterator[tuple[int, int]]:
