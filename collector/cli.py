@@ -364,7 +364,9 @@ def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
             print(step)
     except Failure as failure:
         print(f"collector: setup failed: {failure}", file=sys.stderr)
-        return EXIT_FAILURES
+        # Refused credentials (401) or too few rights (403, "requires admin privilege"): the
+        # operator must change the config; retrying the same cannot help.
+        return EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
     return EXIT_OK
 
 

@@ -287,6 +287,13 @@ class SpoolSettings(_Section):
 class GrafanaSettings(_Section):
     """What `collector dashboards` puts into the provisioning files."""
 
+    downsample_lookback_hours: float = Field(
+        default=2,
+        ge=0,
+        le=7 * 24,
+        description="each downsampling run recomputes this much (at least two intervals), so "
+        "that late data, such as a drained spool's, is aggregated too",
+    )
     org: str = "city"
     influxdb_url_env: str = Field(
         default="INFLUXDB_URL", description="env var (in Grafana) holding InfluxDB's URL"

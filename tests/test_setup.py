@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -11,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from collector.contract import BUCKETS, DOWNSAMPLES
-from collector.provision.influxdb import continuous_query, flux_task
+from collector.provision.influxdb import continuous_query, flux_task, lookback_secs
 from collector.settings import InfluxDBSettings, Settings, load
 from collector.sinks.influxdb import make_writer
 from tests.fake_influxdb2 import FakeInfluxDB2
 from tests.flux import assert_valid, check
-from tests.support import InfluxD, run_cli
+from tests.support import FeedServer, InfluxD, Reply, run_cli
 
 DEFAULT_HOURS = {
     "bikes": 720,
@@ -25,6 +26,7 @@ DEFAULT_HOURS = {
     "collector": 168,
     "bikes_1h": 17520,
     "pressure_1m": 2160,
+    "trips": 0,
 }
 
 
@@ -32,9 +34,20 @@ def test_default_retentions_are_as_documented() -> None:
     assert {k: Settings().buckets.of(k).retention_hours for k in BUCKETS} == DEFAULT_HOURS
 
 
-def test_generated_flux_tasks_pass_influxdatas_checker() -> None:
+def _tasks(offset: int = 300, hours: float = 2) -> dict[str, str]:
     names = Settings().buckets.names()
-    assert_valid({flux_task(ds, names, 300)[0]: flux_task(ds, names, 300)[1] for ds in DOWNSAMPLES})
+    return dict(flux_task(ds, names, offset, lookback_secs(ds, hours)) for ds in DOWNSAMPLES)
+
+
+def _cqs(hours: float = 2, names: dict[str, str] | None = None) -> set[str]:
+    names = names or Settings().buckets.names()
+    return {
+        continuous_query(ds, names, "autogen", lookback_secs(ds, hours))[1] for ds in DOWNSAMPLES
+    }
+
+
+def test_generated_flux_tasks_pass_influxdatas_checker() -> None:
+    assert_valid(_tasks())
 
 
 def test_checker_really_rejects_broken_flux() -> None:
@@ -97,11 +110,10 @@ def test_v1_setup_creates_updates_and_is_idempotent(tmp_path: Path, clean_v1: In
         "collector": ("168h0m0s", "24h0m0s", True),
         "bikes_1h": ("17520h0m0s", "168h0m0s", True),
         "pressure_1m": ("2160h0m0s", "24h0m0s", True),
+        "trips": ("0s", "168h0m0s", True),
     }
     cqs = {row["name"] for row in influxd.query("SHOW CONTINUOUS QUERIES")}
-    expected_cqs = {
-        continuous_query(ds, Settings().buckets.names(), "autogen", 300)[1] for ds in DOWNSAMPLES
-    }
+    expected_cqs = _cqs()
     assert expected_cqs <= cqs
 
     second = run_cli("setup", config=_v1_config(tmp_path, influxd))
@@ -112,7 +124,8 @@ def test_v1_setup_creates_updates_and_is_idempotent(tmp_path: Path, clean_v1: In
     changed = _v1_config(
         tmp_path,
         influxd,
-        '[buckets.bikes]\nname = "bikes"\nretention_hours = 48\n[setup]\ntask_offset_secs = 120\n',
+        '[buckets.bikes]\nname = "bikes"\nretention_hours = 48\n'
+        "[setup]\ndownsample_lookback_hours = 3\n",
     )
     third = run_cli("setup", config=changed)
     assert third.returncode == 0, third.stderr
@@ -139,7 +152,7 @@ def test_v1_continuous_query_computes_the_contract_fields(
     writer = make_writer(InfluxDBSettings(url=influxd.url, api="v1"))
     assert writer.write("pressure", lines, "s").written == 4
     # Run the CQ's own SELECT ... INTO for that minute instead of waiting for its schedule.
-    _db, _name, statement = continuous_query(ds, Settings().buckets.names(), "autogen", 300)
+    _db, _name, statement = continuous_query(ds, Settings().buckets.names(), "autogen", 7200)
     select = statement.split(" BEGIN ", 1)[1].removesuffix(" END")
     select = select.replace(
         " GROUP BY", f" WHERE time >= {minute}s AND time < {minute + 60}s GROUP BY"
@@ -213,10 +226,7 @@ def test_v2_setup_at_the_wire(tmp_path: Path, influx2: FakeInfluxDB2) -> None:
     assert influx2.buckets["pressure"]["retentionRules"][0]["shardGroupDurationSeconds"] == 3600
     assert sorted(d["database"] for d in influx2.dbrps) == sorted(DEFAULT_HOURS)
     assert all(d["retention_policy"] == "autogen" and d["default"] for d in influx2.dbrps)
-    names = Settings().buckets.names()
-    assert {t["name"]: t["flux"] for t in influx2.tasks} == dict(
-        flux_task(ds, names, 300) for ds in DOWNSAMPLES
-    )
+    assert {t["name"]: t["flux"] for t in influx2.tasks} == _tasks()
 
     writer_file, reader_file = tmp_path / "tokens" / "writer", tmp_path / "tokens" / "reader"
     for path in (writer_file, reader_file):
@@ -225,7 +235,7 @@ def test_v2_setup_at_the_wire(tmp_path: Path, influx2: FakeInfluxDB2) -> None:
     writer_auth, reader_auth = tokens[writer_file.read_text()], tokens[reader_file.read_text()]
     ids = {b["id"]: name for name, b in influx2.buckets.items()}
     assert {(p["action"], ids[p["resource"]["id"]]) for p in writer_auth["permissions"]} == {
-        ("write", b) for b in ("bikes", "pressure", "anomalies", "collector")
+        ("write", b) for b in ("bikes", "pressure", "anomalies", "collector", "trips")
     }
     assert {(p["action"], ids[p["resource"]["id"]]) for p in reader_auth["permissions"]} == {
         ("read", b) for b in DEFAULT_HOURS
@@ -238,7 +248,8 @@ def test_v2_setup_at_the_wire(tmp_path: Path, influx2: FakeInfluxDB2) -> None:
     assert second.returncode == 0
     assert "created" not in second.stdout and "updated" not in second.stdout
     assert second.stdout.count(": kept") == 2
-    assert len(influx2.authorizations) == 2 and len(influx2.tasks) == 2 and len(influx2.dbrps) == 6
+    assert len(influx2.authorizations) == 2 and len(influx2.tasks) == 2
+    assert len(influx2.dbrps) == len(DEFAULT_HOURS)
     assert writer_file.read_text() == writer_auth["token"]
 
     changed = _v2_config(
@@ -279,3 +290,70 @@ def test_bucket_names_are_configurable_end_to_end(tmp_path: Path, influx2: FakeI
     assert influx2.writes[-1].bucket == "city_bikes"
     task = next(t for t in influx2.tasks if "bikes_1h" in t["name"])
     assert 'from(bucket: "city_bikes")' in task["flux"]
+
+
+# ------------------------------------------------------------------ refused credentials
+
+
+def test_v2_setup_with_a_refused_token_exits_2(tmp_path: Path, influx2: FakeInfluxDB2) -> None:
+    influx2.token = "another-token"  # ours is refused: 401
+    result = run_cli("setup", config=_v2_config(tmp_path, influx2))
+    assert result.returncode == 2, result.stderr
+    assert "HTTP 401" in result.stderr and "Traceback" not in result.stderr
+    assert not influx2.buckets
+
+
+def test_v1_setup_without_admin_rights_exits_2(tmp_path: Path, feeds: FeedServer) -> None:
+    # What InfluxDB 1.x answers a non-admin user's CREATE DATABASE
+    # (services/httpd/handler.go serveQuery: an authorization error is a 403).
+    feeds.routes["/query"] = Reply(
+        403,
+        b'{"error":"error authorizing query: reader not authorized to execute statement '
+        b"'SHOW DATABASES', requires admin privilege\"}",
+        {"Content-Type": "application/json"},
+    )
+    config = tmp_path / "v1.toml"
+    config.write_text(
+        f'[influxdb]\nurl = "{feeds.url}"\napi = "v1"\nusername = "reader"\npassword = "pw"\n'
+    )
+    result = run_cli("setup", config=config)
+    assert result.returncode == 2, result.stderr
+    assert "requires admin privilege" in result.stderr and "Traceback" not in result.stderr
+    assert "pw" not in result.stderr
+
+
+# ------------------------------------------------------------------------- bucket renames
+
+
+@pytest.mark.influxdb
+def test_v1_rename_leaves_one_continuous_query_per_target(
+    tmp_path: Path, clean_v1: InfluxD
+) -> None:
+    influxd = clean_v1
+    influxd.drop("bikes_conflict")
+    assert run_cli("setup", config=_v1_config(tmp_path, influxd)).returncode == 0
+    renamed = _v1_config(
+        tmp_path, influxd, '[buckets.bikes]\nname = "bikes_conflict"\nretention_hours = 720\n'
+    )
+    result = run_cli("setup", config=renamed)
+    assert result.returncode == 0, result.stderr
+    into_bikes_1h = [
+        (row["_db"], row["name"])
+        for row in _cq_rows(influxd)
+        if re.search(r'INTO "?bikes_1h"?\.', row["query"])
+    ]
+    # One CQ feeds bikes_1h, from the renamed database; the old one on "bikes" is gone.
+    assert len(into_bikes_1h) == 1 and into_bikes_1h[0][0] == "bikes_conflict"
+    assert "continuous query bikes." in result.stdout and "dropped" in result.stdout
+    influxd.drop("bikes_conflict")
+
+
+def _cq_rows(influxd: InfluxD) -> list[dict[str, str]]:
+    import requests
+
+    resp = requests.post(f"{influxd.url}/query", data={"q": "SHOW CONTINUOUS QUERIES"}, timeout=10)
+    return [
+        {"_db": series["name"], **dict(zip(series["columns"], values, strict=True))}
+        for series in resp.json()["results"][0].get("series", [])
+        for values in series.get("values", [])
+    ]

@@ -14,6 +14,7 @@ and a continuous query per ``DOWNSAMPLES`` entry.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from collector.contract import (
     COLLECTOR_BUCKET,
     DOWNSAMPLES,
     PRESSURE_BUCKET,
+    TRIPS_BUCKET,
     Downsample,
 )
 from collector.retry import Failure
@@ -46,8 +48,8 @@ from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer
 
 Outcome = Literal["created", "updated", "unchanged", "kept"]
 
-# The collector writes these; Grafana reads all.
-WRITTEN_BUCKETS = (BIKES_BUCKET, PRESSURE_BUCKET, ANOMALIES_BUCKET, COLLECTOR_BUCKET)
+# The collector (and `collector replay`, with the same config) writes these; Grafana reads all.
+WRITTEN_BUCKETS = (BIKES_BUCKET, PRESSURE_BUCKET, ANOMALIES_BUCKET, COLLECTOR_BUCKET, TRIPS_BUCKET)
 NAME_PREFIX = "livestack"
 
 
@@ -79,17 +81,36 @@ def describe_retention(hours: float) -> str:
 # ---------------------------------------------------------------------------- downsampling
 
 
-def flux_task(ds: Downsample, names: dict[str, str], offset_secs: int) -> tuple[str, str]:
-    """(task name, Flux script) for one downsampling."""
+def lookback_secs(ds: Downsample, hours: float) -> int:
+    """How far back each run recomputes: ``hours`` rounded up to whole intervals, and at least
+    two, so that the interval just closed is computed again one run later, when the points
+    stamped at its end (written seconds after it closed) have arrived."""
+    every = duration_secs(ds.every)
+    return max(2, math.ceil(hours * 3600 / every)) * every
+
+
+def flux_task(
+    ds: Downsample, names: dict[str, str], offset_secs: int, lookback: int
+) -> tuple[str, str]:
+    """(task name, Flux script) for one downsampling that recomputes the last ``lookback``
+    seconds of whole intervals on every run. Writing the same series at the same window
+    start again overwrites: a recomputed window replaces the one computed before."""
     source, target = names[ds.source.bucket], names[ds.target.bucket]
     name = f"{NAME_PREFIX} downsample {source} to {target}"
     fields = " or ".join(f'r._field == "{field}"' for field in ds.fields)
     parts = [
+        'import "date"',
+        "",
         f'option task = {{name: "{name}", every: {ds.every}, offset: {offset_secs}s}}',
         "",
-        # The offset delays the run, not the range: each run sees the whole previous window.
+        # now() is the run's scheduled time (the offset delays the run, not its range), but a
+        # manual run's is any time: both ends are truncated to whole intervals so that no
+        # partial window overwrites a complete one.
+        f"start = date.truncate(t: -{lookback}s, unit: task.every)",
+        "stop = date.truncate(t: now(), unit: task.every)",
+        "",
         f'data = from(bucket: "{source}")',
-        "    |> range(start: -task.every)",
+        "    |> range(start: start, stop: stop)",
         f'    |> filter(fn: (r) => r._measurement == "{ds.source.name}")',
         f"    |> filter(fn: (r) => {fields})",
     ]
@@ -106,17 +127,18 @@ def flux_task(ds: Downsample, names: dict[str, str], offset_secs: int) -> tuple[
 
 
 def continuous_query(
-    ds: Downsample, names: dict[str, str], rp: str, offset_secs: int
+    ds: Downsample, names: dict[str, str], rp: str, lookback: int
 ) -> tuple[str, str, str]:
-    """(database, CQ name, statement). The name carries a hash of the statement, so a changed
-    definition is recognised and replaced."""
+    """(database, CQ name, statement). FOR is ``lookback``, whole intervals: 1.x truncates
+    each run's start to the GROUP BY interval, so a FOR with a remainder rounds down
+    (services/continuous_querier/service.go, ExecuteContinuousQuery). The name carries a hash
+    of the statement, so a changed definition is recognised and replaced."""
     source, target = names[ds.source.bucket], names[ds.target.bucket]
     selects = ", ".join(
         f'{fn}("{field}") AS "{field}_{fn}"' for field in ds.fields for fn in ds.functions
     )
-    every_secs = duration_secs(ds.every)
     body = (
-        f"RESAMPLE EVERY {ds.every} FOR {every_secs + offset_secs}s BEGIN SELECT {selects} "
+        f"RESAMPLE EVERY {ds.every} FOR {lookback}s BEGIN SELECT {selects} "
         f'INTO "{target}"."{rp}"."{ds.target.name}" FROM "{ds.source.name}" '
         f"GROUP BY time({ds.every}), * END"
     )
@@ -200,23 +222,27 @@ def setup_v1(settings: Settings, client: InfluxV1Writer) -> list[Step]:
         steps.append(Step("database", name, outcome, f"retention {describe_retention(hours)}"))
 
     current_cqs = {(row["_series"], row["name"]) for row in rows("SHOW CONTINUOUS QUERIES")}
-    offset = settings.setup.task_offset_secs
-    for ds in DOWNSAMPLES:
-        db, name, statement = continuous_query(ds, names, rp, offset)
-        stale = [
-            cq
-            for (cq_db, cq) in current_cqs
-            if cq_db == db
-            and cq.startswith(f"{NAME_PREFIX}_{names[ds.target.bucket]}_")
-            and cq != name
-        ]
-        for cq in stale:
-            client.query(f'DROP CONTINUOUS QUERY "{cq}" ON "{db}"')
+    hours = settings.setup.downsample_lookback_hours
+    wanted = {
+        ds.target.bucket: continuous_query(ds, names, rp, lookback_secs(ds, hours))
+        for ds in DOWNSAMPLES
+    }
+    # Every livestack CQ that is not wanted goes, on whichever database it sits: after a
+    # bucket rename the old one would otherwise keep writing into the same target as the new.
+    stale = {
+        (cq_db, cq)
+        for cq_db, cq in current_cqs
+        if cq.startswith(f"{NAME_PREFIX}_") and (cq_db, cq) not in {w[:2] for w in wanted.values()}
+    }
+    for cq_db, cq in sorted(stale):
+        client.query(f'DROP CONTINUOUS QUERY "{cq}" ON "{cq_db}"')
+        steps.append(Step("continuous query", f"{cq_db}.{cq}", "updated", "dropped"))
+    for db, name, statement in wanted.values():
         if (db, name) in current_cqs:
             steps.append(Step("continuous query", name, "unchanged"))
         else:
             client.query(statement)
-            steps.append(Step("continuous query", name, "updated" if stale else "created"))
+            steps.append(Step("continuous query", name, "created"))
     return steps
 
 
@@ -297,7 +323,8 @@ def setup_v2(settings: Settings, writer: InfluxV2Writer) -> list[Step]:
 
     tasks_api = client.tasks_api()
     for ds in DOWNSAMPLES:
-        name, flux = flux_task(ds, names, settings.setup.task_offset_secs)
+        lookback = lookback_secs(ds, settings.setup.downsample_lookback_hours)
+        name, flux = flux_task(ds, names, settings.setup.task_offset_secs, lookback)
         found = call("find task", lambda name=name: tasks_api.find_tasks(name=name)) or []
         task = next((t for t in found if t.name == name), None)
         if task is None:
