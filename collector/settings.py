@@ -265,6 +265,13 @@ class SetupSettings(_Section):
     task_offset_secs: int = Field(
         default=300, ge=0, le=3600, description="downsampling runs this late, for late data"
     )
+    downsample_lookback_hours: float = Field(
+        default=3,
+        ge=0,
+        le=7 * 24,
+        description="each downsampling run recomputes this much (whole intervals, at least "
+        "two): data up to this minus one interval late (a drained spool's) is aggregated too",
+    )
     v1_retention_policy: str = Field(
         default="autogen", description="v1: the default retention policy given each duration"
     )
@@ -287,13 +294,6 @@ class SpoolSettings(_Section):
 class GrafanaSettings(_Section):
     """What `collector dashboards` puts into the provisioning files."""
 
-    downsample_lookback_hours: float = Field(
-        default=2,
-        ge=0,
-        le=7 * 24,
-        description="each downsampling run recomputes this much (at least two intervals), so "
-        "that late data, such as a drained spool's, is aggregated too",
-    )
     org: str = "city"
     influxdb_url_env: str = Field(
         default="INFLUXDB_URL", description="env var (in Grafana) holding InfluxDB's URL"
