@@ -34,12 +34,12 @@ def test_default_retentions_are_as_documented() -> None:
     assert {k: Settings().buckets.of(k).retention_hours for k in BUCKETS} == DEFAULT_HOURS
 
 
-def _tasks(offset: int = 300, hours: float = 2) -> dict[str, str]:
+def _tasks(offset: int = 300, hours: float = 3) -> dict[str, str]:
     names = Settings().buckets.names()
     return dict(flux_task(ds, names, offset, lookback_secs(ds, hours)) for ds in DOWNSAMPLES)
 
 
-def _cqs(hours: float = 2, names: dict[str, str] | None = None) -> set[str]:
+def _cqs(hours: float = 3, names: dict[str, str] | None = None) -> set[str]:
     names = names or Settings().buckets.names()
     return {
         continuous_query(ds, names, "autogen", lookback_secs(ds, hours))[1] for ds in DOWNSAMPLES
