@@ -125,7 +125,7 @@ def test_v1_setup_creates_updates_and_is_idempotent(tmp_path: Path, clean_v1: In
         tmp_path,
         influxd,
         '[buckets.bikes]\nname = "bikes"\nretention_hours = 48\n'
-        "[setup]\ndownsample_lookback_hours = 3\n",
+        "[setup]\ndownsample_lookback_hours = 4\n",
     )
     third = run_cli("setup", config=changed)
     assert third.returncode == 0, third.stderr
