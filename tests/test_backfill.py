@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import csv
+import re
 import time
+from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from collector import replay
+from collector.contract import BUCKETS
 from collector.settings import InfluxDBSettings
 from tests.fake_influxdb2 import FakeInfluxDB2
-from tests.support import InfluxD
+from tests.support import InfluxD, run_cli
+from tests.test_trips import _independent_totals
 
 FEB_2021 = "JC-202102-citibike-tripdata.csv"
 JAN_2018 = "JC-201801-citibike-tripdata.csv"
@@ -104,3 +112,127 @@ def test_v1_retention_is_read_from_the_retention_policy(influxd: InfluxD) -> Non
     with pytest.raises(replay.PreflightError, match="database 'nowhere' does not exist"):
         replay.read_retention(default, "nowhere")
     influxd.drop("rp_probe")
+
+
+# ------------------------------------------------------------- against a real InfluxDB 1.x
+
+NEW_YORK = ZoneInfo("America/New_York")
+SCHEMAS = {
+    FEB_2021: ("started_at", "ended_at", "start_station_id", "end_station_id"),
+    JAN_2018: ("starttime", "stoptime", "start station id", "end station id"),
+}
+
+
+@pytest.fixture
+def fresh_v1(influxd: InfluxD) -> Iterator[InfluxD]:
+    for name in BUCKETS:
+        influxd.drop(name)
+    yield influxd
+    for name in BUCKETS:
+        influxd.drop(name)
+
+
+def _config(tmp_path: Path, influxd: InfluxD, extra: str = "") -> Path:
+    path = tmp_path / "backfill.toml"
+    path.write_text(f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\n{extra}')
+    return path
+
+
+def _stored(influxd: InfluxD, system: str) -> dict[tuple[str, int], tuple[int, int]]:
+    query = 'SELECT "undocks", "docks", "station_id" FROM "station_flow" WHERE "system" = '
+    rows = influxd.query(f"{query}'{system}'", "trips")
+    return {(r["station_id"], r["time"]): (r["undocks"], r["docks"]) for r in rows}
+
+
+def _per_station(stored: dict[tuple[str, int], tuple[int, int]]) -> tuple[Counter, Counter]:
+    undocks: Counter[str] = Counter()
+    docks: Counter[str] = Counter()
+    for (station, _t), (u, d) in stored.items():
+        undocks[station] += u
+        docks[station] += d
+    return +undocks, +docks
+
+
+@pytest.mark.influxdb
+@pytest.mark.parametrize("name", [FEB_2021, JAN_2018])
+def test_backfill_of_a_real_month_into_a_fresh_setup_stores_every_trip(
+    tmp_path: Path, fresh_v1: InfluxD, shared_fixtures: Path, name: str
+) -> None:
+    path = shared_fixtures / "trips" / name
+    undocks, docks, _no_end, _negative = _independent_totals(path, *SCHEMAS[name])
+    config = _config(tmp_path, fresh_v1)
+    assert run_cli("setup", config=config).returncode == 0
+    result = run_cli(
+        "replay", "trips", str(path), "--backfill", "--system", "citibike-jc", config=config
+    )
+    assert result.returncode == 0, result.stderr
+    assert "failed=0" in result.stderr and "Traceback" not in result.stderr
+    assert _per_station(_stored(fresh_v1, "citibike-jc")) == (undocks, docks)
+
+
+@pytest.mark.influxdb
+def test_short_retention_stops_before_writing(
+    tmp_path: Path, fresh_v1: InfluxD, shared_fixtures: Path
+) -> None:
+    path = shared_fixtures / "trips" / FEB_2021
+    config = _config(tmp_path, fresh_v1, "[buckets.trips]\nretention_hours = 720\n")
+    assert run_cli("setup", config=config).returncode == 0
+    result = run_cli("replay", "trips", str(path), "--system", "citibike-jc", config=config)
+    assert result.returncode == 2, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("collector: ")]
+    first, last = _independent_span(path)
+    # One trip of the month docks in May: the span is the data's, not the file name's.
+    assert f"{path}: data from {first} to {last}, but" in line
+    assert "bucket 'trips'" in line and "keeps 720h" in line
+    assert "[buckets.trips] retention_hours" in line and "--shift-to-now" in line
+    assert "event=write" not in result.stderr and "Traceback" not in result.stderr
+    assert fresh_v1.query("SHOW MEASUREMENTS", "trips") == []
+
+
+def _independent_span(path: Path) -> tuple[str, str]:
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["end_station_id"]]
+    times = [r["started_at"][:16] for r in rows] + [r["ended_at"][:16] for r in rows]
+    return tuple(  # type: ignore[return-value]
+        datetime.fromisoformat(t)
+        .replace(tzinfo=NEW_YORK)
+        .astimezone(UTC)
+        .strftime("%Y-%m-%d %H:%M UTC")
+        for t in (min(times), max(times))
+    )
+
+
+def _independent_minutes(path: Path) -> Counter[tuple[str, int]]:
+    """Undocks per (station, epoch minute) read straight from the 2021 CSV."""
+    undocks: Counter[tuple[str, int]] = Counter()
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        for row in csv.DictReader(f):
+            if not row["end_station_id"] or row["ended_at"] < row["started_at"]:
+                continue
+            start = datetime.fromisoformat(row["started_at"][:16]).replace(tzinfo=NEW_YORK)
+            undocks[(row["start_station_id"], int(start.timestamp()))] += 1
+    return undocks
+
+
+@pytest.mark.influxdb
+def test_shift_to_now_lands_every_trip_moved_by_one_offset(
+    tmp_path: Path, fresh_v1: InfluxD, shared_fixtures: Path
+) -> None:
+    path = shared_fixtures / "trips" / FEB_2021
+    # 120 days: the month (with its trip docked in May) fits once shifted, not as it is.
+    config = _config(tmp_path, fresh_v1, "[buckets.trips]\nretention_hours = 2880\n")
+    assert run_cli("setup", config=config).returncode == 0
+    refused = run_cli("replay", "trips", str(path), "--system", "jc", config=config)
+    assert refused.returncode == 2 and "keeps 2880h" in refused.stderr
+    before = int(time.time()) // 60 * 60
+    result = run_cli(
+        "replay", "trips", str(path), "--system", "jc", "--shift-to-now", config=config
+    )
+    after = int(time.time()) // 60 * 60
+    assert result.returncode == 0, result.stderr
+    offset = int(re.search(r"event=replay_shift offset_secs=(\d+)", result.stderr).group(1))  # type: ignore[union-attr]
+    stored = _stored(fresh_v1, "jc")
+    assert before <= max(t for _s, t in stored) <= after  # the last minute is now
+    expected = _independent_minutes(path)
+    got = Counter({(s, t - offset): u for (s, t), (u, _d) in stored.items() if u})
+    assert got == expected

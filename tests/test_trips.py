@@ -15,7 +15,7 @@ from collector.contract import STATION_FLOW
 from collector.lineprotocol import Encoder
 from collector.sources import gbfs
 from collector.sources.trips import Flows, Progress, TripFileError
-from tests.support import DATA, InfluxD, run_cli
+from tests.support import DATA
 
 TRIPS = DATA / "trips"
 
@@ -201,8 +201,6 @@ def test_live_replay_stops_when_asked() -> None:
     assert outcome.minutes == 2
 
 
-
-
 def test_trip_ids_are_matched_to_gbfs_station_ids() -> None:
     info = (
         b'{"data": {"stations": [{"station_id": "66db-uuid", "short_name": "JC105", '
@@ -216,27 +214,3 @@ def test_trip_ids_are_matched_to_gbfs_station_ids() -> None:
         for _m, (tags, _v, _t) in flows.rows("citibike", rename=lambda s: mapping.get(s, s))
     }
     assert stations == {"66db-uuid", "JC034"}  # JC034 is not in the feed: kept as it is
-
-
-@pytest.mark.influxdb
-def test_backfill_into_a_real_influxdb(
-    tmp_path: Path, influxd: InfluxD, shared_fixtures: Path
-) -> None:
-    path = shared_fixtures / "trips" / "JC-202102-citibike-tripdata.csv"
-    undocks, docks, _no_end, _negative = _independent_totals(
-        path, "started_at", "ended_at", "start_station_id", "end_station_id"
-    )
-    influxd.drop("trips")
-    config = tmp_path / "c.toml"
-    config.write_text(f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\n')
-    assert run_cli("setup", config=config).returncode == 0
-    result = run_cli("replay", "trips", str(path), "--system", "jc", config=config)
-    assert result.returncode == 0, result.stderr
-    assert "event=replay_done" in result.stderr and "failed=0" in result.stderr
-    rows = influxd.query(
-        'SELECT sum("undocks") AS u, sum("docks") AS d FROM "station_flow" '
-        'WHERE "system" = \'jc\' GROUP BY "station_id"',
-        "trips",
-    )
-    assert {r["station_id"]: r["u"] for r in rows if r["u"]} == dict(undocks)
-    assert {r["station_id"]: r["d"] for r in rows if r["d"]} == dict(docks)
