@@ -57,12 +57,20 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="only report files that differ; exit 1 if any"
     )
 
-    replay = command("replay", "replay Citi Bike trip history as docks and undocks per minute")
-    replay.add_argument("kind", choices=("trips",))
-    replay.add_argument("files", nargs="+", type=Path, help="CSV files: plain, .gz or .zip")
-    replay.add_argument(
-        "--system", default="citibike", help="the system tag (default: %(default)s)"
+    replay = command(
+        "replay",
+        "replay Citi Bike trip history as docks and undocks per minute (trips), or the raw "
+        "archive through today's parsers (archive)",
     )
+    replay.add_argument("kind", choices=("trips", "archive"))
+    replay.add_argument(
+        "files", nargs="+", type=Path, help="trips: CSV files (plain, .gz or .zip); archive: DIR"
+    )
+    replay.add_argument(
+        "--system", help="trips: the system tag (default: citibike); archive: only this system"
+    )
+    replay.add_argument("--from", dest="start", help="archive: from this time (ISO 8601, UTC)")
+    replay.add_argument("--to", dest="end", help="archive: until this time (excluded)")
     mode = replay.add_mutually_exclusive_group()
     mode.add_argument(
         "--backfill", action="store_true", help="historical times, full speed (default)"
@@ -199,6 +207,9 @@ def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
 
 
 def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
+    if args.kind == "archive":
+        return _replay_archive(config, args)
+    args.system = args.system or "citibike"
     problem = _replay_options_problem(args)
     if problem:
         print(f"collector: {problem}", file=sys.stderr)
@@ -253,6 +264,92 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
         flows.close()
         if writer is not None:
             writer.close()
+
+
+def _replay_archive(config: settings.Settings, args: argparse.Namespace) -> int:
+    from collector import archive
+
+    problem, start, end = _archive_options(args)
+    if problem:
+        print(f"collector: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    directory = args.files[0]
+    selection = archive.select(directory, system=args.system, start=start, end=end)
+    outcome = archive.ReplayOutcome()
+    keep_person = config.pressure.store_personal_data
+    files, spans = archive.verify(selection, outcome, keep_person=keep_person)
+    if not args.dry_run:
+        try:
+            for bucket, (oldest, newest) in sorted(spans.items()):
+                replay.retention_preflight(
+                    config.influxdb,
+                    config.buckets.of(bucket).name,
+                    oldest,
+                    newest,
+                    source=f"archive {directory}",
+                    config_key=bucket,
+                )
+        except replay.PreflightError as exc:
+            print(f"collector: {exc}; or replay a later range with --from", file=sys.stderr)
+            return EXIT_CONFIG
+        except Failure as failure:
+            where = redact_url(config.influxdb.url)
+            print(f"collector: InfluxDB at {where} cannot be used: {failure}", file=sys.stderr)
+            return EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
+    sink = StdoutSink() if args.dry_run else _replay_sink(config)
+    try:
+        archive.replay(files, selection, sink, config, outcome)
+    finally:
+        sink.close()
+    logs.event(
+        log,
+        logging.INFO,
+        "replay_done",
+        files=outcome.files,
+        records=outcome.records,
+        written=outcome.written,
+        spooled=outcome.spooled or None,
+        rejected=outcome.rejected,
+        failed=outcome.failed,
+        unparsable=",".join(f"{k}:{n}" for k, n in sorted(outcome.unparsable.items())) or None,
+        corrupt_files=len(outcome.corrupt) or None,
+        truncated_files=len(outcome.truncated) or None,
+    )
+    return EXIT_FAILURES if outcome.corrupt or outcome.rejected or outcome.failed else EXIT_OK
+
+
+def _archive_options(args: argparse.Namespace) -> tuple[str | None, float | None, float | None]:
+    """(problem, --from, --to as epoch seconds)."""
+    from datetime import UTC, datetime
+
+    if args.speed is not None or args.shift_to_now or args.backfill:
+        return "--speed, --backfill and --shift-to-now are for trips, not the archive", None, None
+    if len(args.files) != 1 or not args.files[0].is_dir():
+        return f"replay archive takes one directory: {' '.join(map(str, args.files))}", None, None
+    times: list[float | None] = []
+    for option, text in (("--from", args.start), ("--to", args.end)):
+        if text is None:
+            times.append(None)
+            continue
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            return f"{option} {text}: not an ISO 8601 time (2026-12-01T13:00Z)", None, None
+        times.append((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+    start, end = times
+    if start is not None and end is not None and start >= end:
+        return f"--from {args.start} is not before --to {args.end}", None, None
+    return None, start, end
+
+
+def _replay_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
+    """The live path, spool included; a running collector holds the spool, and then the
+    replay writes directly (retrying as the writer does) and says so."""
+    try:
+        return _database_sink(config)
+    except SpoolBusy as exc:
+        logs.event(log, logging.INFO, "replay_direct", detail=f"{exc}: writing without it")
+        return make_writer(config.influxdb, bucket_names=config.buckets.names())
 
 
 def _replay_options_problem(args: argparse.Namespace) -> str | None:

@@ -23,6 +23,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from collector.archive import open_archive
 from collector.contract import (
     ANOMALY,
     EVENTS,
@@ -96,16 +97,20 @@ class Collector:
         self.settings = settings
         self.sink = sink
         self.counters = counters or Counters()
+        # One archive, handed to every source as it is made: they record what they fetch.
+        self.archive = open_archive(settings.archive, self.counters)
         self.systems = (
             systems
             if systems is not None
-            else [GbfsSystem(system) for system in settings.gbfs.systems]
+            else [GbfsSystem(system, archive=self.archive) for system in settings.gbfs.systems]
         )
         # One encoder per job: its caches are then touched by one thread at a time.
         self._encoders = {system.name: Encoder(STATION_STATUS) for system in self.systems}
         source = settings.pressure
         self.patients = (
-            [PatientPoller(source, patient) for patient in source.patients] if source.url else []
+            [PatientPoller(source, patient, archive=self.archive) for patient in source.patients]
+            if source.url
+            else []
         )
         self._patient_encoders = {
             p.patient_id: (Encoder(PRESSURE), Encoder(ANOMALY), Encoder(PATIENT))
@@ -423,3 +428,5 @@ class Collector:
             system.close()
         for poller in self.patients:
             poller.close()
+        if self.archive is not None:
+            self.archive.close()  # ends each file's gzip stream

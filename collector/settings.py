@@ -291,6 +291,15 @@ class SpoolSettings(_Section):
     dead_letter_max_mb: float = Field(default=64, gt=0)
 
 
+class ArchiveSettings(_Section):
+    """Every raw response fetched, compressed, one file per source per hour; off unless
+    ``dir`` is set. Oldest files go first when past ``retention_days`` or ``max_bytes``."""
+
+    dir: Path | None = Field(default=None, description="where the archive lives; unset = off")
+    retention_days: float = Field(default=14, gt=0, le=3660)
+    max_bytes: int = Field(default=20 * 1024**3, ge=1024**2)
+
+
 class GrafanaSettings(_Section):
     """What `collector dashboards` puts into the provisioning files."""
 
@@ -339,6 +348,7 @@ class Settings(BaseSettings):
     setup: SetupSettings = Field(default_factory=SetupSettings)
     grafana: GrafanaSettings = Field(default_factory=GrafanaSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
 
     @classmethod
     def settings_customise_sources(

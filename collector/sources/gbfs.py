@@ -24,15 +24,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
 from collector.contract import STATION_STATUS
-from collector.http import Fetcher, Validators
+from collector.http import Fetcher, Response, Validators
 from collector.lineprotocol import Row, Tags
 from collector.retry import Backoff, Failure
 from collector.settings import GbfsSystemSettings
+
+if TYPE_CHECKING:  # the archive's replay imports this module's parsers
+    from collector.archive import Archive
 
 log = logging.getLogger(__name__)
 
@@ -522,9 +525,11 @@ class GbfsSystem:
         fetcher: Fetcher | None = None,
         clock: Callable[[], float] = time.time,
         backoff: Backoff | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
+        self._archive = archive
         self._fetcher = fetcher or Fetcher(
             headers=settings.headers,
             timeout_secs=settings.timeout_secs,
@@ -576,7 +581,7 @@ class GbfsSystem:
             return Poll("fresh", errors=errors)
 
         url = feeds["station_status"]
-        response = self._fetcher.get(url, self._validators.get(url))
+        response = self._get("station_status", url, now)
         self._status_at = now
         if response.body is None:
             return Poll("not_modified", errors=errors)
@@ -612,6 +617,13 @@ class GbfsSystem:
         response = self._fetcher.get(url)
         return parse_station_information(response.body or b"", self.name, self.settings.language)
 
+    def _get(self, feed: str, url: str, now: float) -> Response:
+        """Fetch (conditionally when the feed gave validators), and archive what came."""
+        response = self._fetcher.get(url, self._validators.get(url))
+        if self._archive is not None and response.body is not None:
+            self._archive.record("gbfs", self.name, feed, url, now, response.body)
+        return response
+
     def _info_refresh_secs(self) -> float:
         ttl = self._catalog.ttl if self._catalog is not None and self._catalog.ttl else 0
         return min(self.settings.info_refresh_secs, max(float(ttl), MIN_INFO_REFRESH_SECS))
@@ -627,7 +639,7 @@ class GbfsSystem:
             if settings.vehicle_types_url:
                 feeds["vehicle_types"] = settings.vehicle_types_url
         else:
-            response = self._fetcher.get(settings.url)
+            response = self._get("discovery", settings.url, self._clock())
             assert response.body is not None  # no validators sent, so never a 304
             discovery = parse_discovery(response.body, settings.language)
             self.version = discovery.version
@@ -645,7 +657,7 @@ class GbfsSystem:
             if url is None:
                 continue
             try:
-                response = self._fetcher.get(url, self._validators.get(url))
+                response = self._get(feed, url, now)
                 if response.body is not None:
                     if feed == "station_information":
                         self._catalog = parse_station_information(
