@@ -474,11 +474,13 @@ def _dashboards(config: settings.Settings, args: argparse.Namespace) -> int:
         print(f"collector: {exc}; pip install '.[dashboards]'", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        differing = grafana.differences(args.out, config.grafana)
+        missing, differing = grafana.compare(args.out, config)
+        for relative in missing:
+            print(f"missing: {args.out / relative}")
         for relative in differing:
             print(f"differs from the generator: {args.out / relative}")
-        return EXIT_FAILURES if differing else EXIT_OK
-    for path in grafana.write(args.out, config.grafana):
+        return EXIT_FAILURES if missing or differing else EXIT_OK
+    for path in grafana.write(args.out, config):
         print(path)
     return EXIT_OK
 

@@ -181,9 +181,13 @@ class Collector:
     def telemetry_rows(self, now: float) -> dict[str, list]:
         """Rows of EVENTS, FEED and WRITES as of ``now`` (epoch seconds)."""
         stamp = int(now)
+        counts, new = self.counters.report()
         events = [
+            ((("result", result), ("source", source), ("stage", stage)), (0,), stamp - 1)
+            for source, stage, result in new
+        ] + [
             ((("result", result), ("source", source), ("stage", stage)), (count,), stamp)
-            for (source, stage, result), count in sorted(self.counters.snapshot().items())
+            for (source, stage, result), count in sorted(counts.items())
         ]
         feeds = [
             ((("system", system),), (round(now - feed_time, 3), stations), stamp)

@@ -16,6 +16,7 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str, str]] = Counter()
+        self._reported: set[tuple[str, str, str]] = set()
 
     def add(self, source: str, stage: str, result: str, n: int = 1) -> None:
         if n:
@@ -29,3 +30,16 @@ class Counters:
     def snapshot(self) -> dict[tuple[str, str, str], int]:
         with self._lock:
             return dict(self._counts)
+
+    def report(self) -> tuple[dict[tuple[str, str, str], int], list[tuple[str, str, str]]]:
+        """The counts, and the keys reported for the first time since start.
+
+        A cumulative counter's increase is a difference between two points: a key's first
+        point has none before it, and neither has the first point after a restart (counts
+        start again from 0). Writing a 0 just before each new key's first value gives both.
+        """
+        with self._lock:
+            counts = dict(self._counts)
+            new = sorted(set(counts) - self._reported)
+            self._reported.update(new)
+        return counts, new

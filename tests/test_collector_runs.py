@@ -225,6 +225,11 @@ def test_telemetry_rows_are_exact(tmp_path: Path) -> None:
     collector.counters.add("oslo", "quality", "over_capacity", 2)
     collector._feeds["oslo"] = (1_700_000_000, 250)
     rows = collector.telemetry_rows(1_700_000_042.5)
+    ok = (("result", "ok"), ("source", "oslo"), ("stage", "fetch"))
+    quality = (("result", "over_capacity"), ("source", "oslo"), ("stage", "quality"))
+    # A 0 one second before each counter's first value: its first increase is visible.
+    assert rows["events"][:2] == [(ok, (0,), 1_700_000_041), (quality, (0,), 1_700_000_041)]
+    del rows["events"][:2]
     assert rows == {
         "events": [
             ((("result", "ok"), ("source", "oslo"), ("stage", "fetch")), (3,), 1_700_000_042),
@@ -237,3 +242,7 @@ def test_telemetry_rows_are_exact(tmp_path: Path) -> None:
         "feed": [((("system", "oslo"),), (42.5, 250), 1_700_000_042)],
         "writes": [],
     }
+    collector.counters.add("oslo", "fetch", "timeout")
+    later = collector.telemetry_rows(1_700_000_052)["events"]
+    timeout = (("result", "timeout"), ("source", "oslo"), ("stage", "fetch"))
+    assert [row for row in later if row[1] == (0,)] == [(timeout, (0,), 1_700_000_051)]
