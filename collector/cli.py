@@ -258,7 +258,7 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
         print(f"collector: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except replay.Stopped:
-        logs.event(log, logging.WARNING, "replay_stopped", detail="signal: stopped before the end")
+        logs.event(log, logging.WARNING, "replay_stopped", stage="reading", written=0)
         return EXIT_FAILURES
     finally:
         flows.close()
@@ -421,16 +421,19 @@ def _replay_flows(
         outcome = replay.backfill(
             flows, sink, args.system, rename, shift_secs=shift_secs, bar=bar, stop=stop.is_set
         )
+    stopped = outcome.stopped or stop.is_set()
     logs.event(
         log,
-        logging.INFO,
-        "replay_done",
+        logging.WARNING if stopped else logging.INFO,
+        "replay_stopped" if stopped else "replay_done",
         trips=outcome.trips,
         written=outcome.rows_written,
         failed=outcome.rows_failed,
         minutes=outcome.minutes or None,
     )
-    return EXIT_OK if not outcome.rows_failed else EXIT_FAILURES
+    # A live replay ends with Ctrl-C by design; a stopped backfill is incomplete.
+    incomplete = stopped and args.speed is None
+    return EXIT_FAILURES if outcome.rows_failed or incomplete else EXIT_OK
 
 
 def _station_matcher(config: settings.Settings, system: str) -> Callable[[str], str]:

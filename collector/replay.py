@@ -41,6 +41,7 @@ class Outcome:
     rows_written: int = 0
     rows_failed: int = 0
     minutes: int = 0
+    stopped: bool = False  # by a signal, before the end
 
 
 class ProgressLine:
@@ -251,7 +252,7 @@ def retention_preflight(
 
 
 class Stopped(Exception):
-    """SIGTERM or Ctrl-C while reading or writing."""
+    """SIGTERM or Ctrl-C while reading: nothing was written."""
 
 
 def read_flows(
@@ -270,6 +271,8 @@ def read_flows(
             fraction = progress.bytes_read / progress.bytes_total if progress.bytes_total else None
             bar.update("reading", progress.rows, fraction=fraction)
 
+    if bar is not None:
+        bar.update("reading", progress.rows)  # the stage's rate and ETA count from here
     for path in paths:
         read_file(path, flows, progress, tick)
     if bar is not None:
@@ -308,7 +311,8 @@ def backfill(
     stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
     """Every (station, minute) at its minute (+ ``shift_secs``), in batches of CHUNK rows;
-    stops between batches when ``stop()`` says so."""
+    stops between batches when ``stop()`` says so (a signal also makes the writer give up
+    its retries, so the batch in flight ends at once)."""
     encoder = Encoder(STATION_FLOW)
     outcome = Outcome(trips=flows.trips)
     total = flows.size()
@@ -316,9 +320,12 @@ def backfill(
         (tags, values, stamp + shift_secs)
         for _m, (tags, values, stamp) in flows.rows(system, rename=rename)
     )
+    if bar is not None:
+        bar.update("writing", 0)
     for chunk in _chunks(rows, CHUNK):
         if stop():
-            raise Stopped
+            outcome.stopped = True
+            break
         lines, _empty = encoder.lines(chunk)
         _count(outcome, sink.write(STATION_FLOW.bucket, lines, "s"))
         if bar is not None:
@@ -352,6 +359,8 @@ def live(
     encoder = Encoder(STATION_FLOW)
     outcome = Outcome(trips=flows.trips)
     span = flows.span()
+    if bar is not None:
+        bar.update("replaying", 0, unit="minutes")
     started = clock()
     first: int | None = None
     last_ms = 0
@@ -365,6 +374,7 @@ def live(
         if wait > 0:
             sleep(wait)
         if stop():
+            outcome.stopped = True
             break
         stamp_ms = last_ms = max(round(due * 1000), last_ms + 1)
         rows = [(tags, values, stamp_ms) for _m, (tags, values, _t) in group]
