@@ -1,9 +1,10 @@
-"""``collector`` command line: run, setup, check."""
+"""The ``collector`` command line: parses arguments and wires the parts; no logic of its own."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -29,7 +30,16 @@ EXIT_OK, EXIT_FAILURES, EXIT_CONFIG = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="collector", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="collector",
+        description=(
+            "Poll bike-share (GBFS) feeds and a foot-pressure API into InfluxDB, and provision "
+            "InfluxDB and Grafana for them. Every command but simulate reads a TOML settings "
+            f"file (--config, or ${settings.CONFIG_ENV})."
+        ),
+        epilog="collector COMMAND --help shows each command's options. Exit codes: 0 ok, "
+        "1 a source or the database failed, 2 bad configuration, input or credentials.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -90,22 +100,63 @@ def _parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser(
         "simulate",
-        help="serve a simulated foot-pressure API or bike-share system",
+        help="serve a stand-in for the foot-pressure API or a bike-share system",
         description="Serve a stand-in for an outside API, so the stack runs with no account.",
     )
-    simulate.add_argument("api", choices=("pressure", "gbfs"))
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, help="default: 9080 (pressure), 9081 (gbfs)")
-    simulate.add_argument("--seed", type=int, default=0, help="same seed, same data")
-    simulate.add_argument("--version", dest="gbfs_version", choices=("2.3", "3.0"), default="2.3")
-    simulate.add_argument("--stations", type=int, default=300, help="gbfs: stations in the city")
-    simulate.add_argument(
-        "--anomaly-runs-per-hour", type=float, default=6.0, help="pressure: anomaly runs per hour"
+    apis = simulate.add_subparsers(dest="api", required=True, metavar="{pressure,gbfs}")
+
+    def simulator(name: str, help: str, port: int) -> argparse.ArgumentParser:
+        sub = apis.add_parser(
+            name,
+            help=help,
+            description=help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        sub.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        sub.add_argument("--port", type=_port, default=port, help="port to listen on (0: any)")
+        sub.add_argument("--seed", type=int, default=0, help="same seed, same data")
+        return sub
+
+    pressure_sim = simulator(
+        "pressure", "the insole API: GET /1 .. /N, six sensors a reading, anomaly runs", 9080
     )
-    simulate.add_argument(
-        "--patients", type=int, default=6, help="pressure: ids 1..N (beyond 6 for load tests)"
+    pressure_sim.add_argument(
+        "--patients", type=_at_least(1, int), default=6, help="patient ids 1..N (beyond 6: load)"
+    )
+    pressure_sim.add_argument(
+        "--anomaly-runs-per-hour",
+        type=_at_least(0.0, float),
+        default=6.0,
+        help="flagged runs per patient and hour",
+    )
+    gbfs_sim = simulator("gbfs", "a bike-share city's GBFS feed at /gbfs.json", 9081)
+    gbfs_sim.add_argument(
+        "--version", dest="gbfs_version", choices=("2.3", "3.0"), default="2.3", help="GBFS"
+    )
+    gbfs_sim.add_argument(
+        "--stations", type=_at_least(1, int), default=300, help="stations in the city"
     )
     return parser
+
+
+def _at_least(low: float, kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, not {text}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    port = _at_least(0, int)(text)  # 0: any free port, named in the log line
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, not {text}")
+    return int(port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,6 +243,9 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
     finally:
         collector.close()
         sink.close()
+        if not args.once:
+            # After the sink: its drainer and spool have said their last word by now.
+            logs.event(log, logging.INFO, "stopped")
 
 
 def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
@@ -199,10 +253,19 @@ def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
     spool = config.spool
     if not spool.enabled:
         return writer
+    spooled = Spool(spool.dir, int(spool.max_mb * 1024 * 1024))
+    # Before the drainer starts: what it would send the server drops.
+    replay.warn_spooled_beyond_retention(
+        config.influxdb, config.buckets.names(), spooled.oldest_by_bucket()
+    )
     return SpoolingSink(
         writer,
-        Spool(spool.dir, int(spool.max_mb * 1024 * 1024)),
-        DeadLetters(spool.dir / "dead-letter.lp", int(spool.dead_letter_max_mb * 1024 * 1024)),
+        spooled,
+        DeadLetters(
+            spool.dir / "dead-letter.lp",
+            int(spool.dead_letter_max_mb * 1024 * 1024),
+            bucket_names=config.buckets.names(),
+        ),
     )
 
 
@@ -594,18 +657,24 @@ def _simulate(args: argparse.Namespace) -> int:
         app: object = PressureSimulator(
             args.seed, anomaly_runs_per_hour=args.anomaly_runs_per_hour, patients=args.patients
         )
-        port = args.port or 9080
+        path = ""  # [pressure] url; patients are /1 .. /N
     else:
         app = GbfsSimulator(args.seed, stations=args.stations, version=args.gbfs_version)
-        port = args.port or 9081
-    server = make_server(app, args.host, port)  # type: ignore[arg-type]
+        path = "/gbfs.json"  # [[gbfs.systems]] url
+    try:
+        server = make_server(app, args.host, args.port)  # type: ignore[arg-type]  # WSGI callables
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"collector: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return EXIT_CONFIG
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    port = server.server_address[1]
     logs.event(
         log,
         logging.INFO,
         "simulating",
         api=args.api,
-        url=f"http://{args.host}:{port}",
+        url=f"http://{args.host}:{port}{path}",
         seed=args.seed,
     )
     try:

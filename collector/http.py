@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from collector import __version__
 from collector.retry import Failure, kind_of_status, parse_retry_after
@@ -39,8 +49,82 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+class _Connections:
+    """The sockets a session has open, so that shutdown can cut a fetch that hangs.
+
+    A read timeout cannot be shortened once a read has started, and a server that accepts the
+    connection but never answers holds the thread for the whole timeout: longer than Docker's
+    grace between SIGTERM and SIGKILL. Shutting the socket down wakes the blocked read at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[HTTPConnection] = set()
+        self.aborted = False
+
+    def add(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            self._open.add(conn)
+            aborted = self.aborted
+        if aborted:
+            _cut(conn)
+
+    def discard(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            self._open.discard(conn)
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            conns = list(self._open)
+        for conn in conns:
+            _cut(conn)
+
+
+def _cut(conn: HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _registering(base: type[HTTPConnection], registry: _Connections) -> type[HTTPConnection]:
+    """``base`` whose connections enter ``registry`` once connected and leave it on close."""
+
+    class Registered(base):  # type: ignore[valid-type,misc]  # a class made per registry
+        def connect(self) -> None:
+            super().connect()
+            registry.add(self)
+
+        def close(self) -> None:
+            registry.discard(self)
+            super().close()
+
+    return Registered
+
+
+class _AbortableAdapter(HTTPAdapter):
+    """requests' adapter with connections that register their sockets in ``connections``."""
+
+    def __init__(self, connections: _Connections) -> None:
+        self._connections = connections
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        registry = self._connections
+
+        class HttpPool(HTTPConnectionPool):
+            ConnectionCls = _registering(HTTPConnection, registry)
+
+        class HttpsPool(HTTPSConnectionPool):
+            ConnectionCls = _registering(HTTPSConnection, registry)
+
+        self.poolmanager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
+
+
 class Fetcher:
-    """One keep-alive session for one source. Not shared between threads."""
+    """One keep-alive session for one source. Not shared between threads, except ``abort``."""
 
     def __init__(
         self,
@@ -51,6 +135,10 @@ class Fetcher:
         verify_tls: bool = True,
     ) -> None:
         self._session = requests.Session()
+        self._connections = _Connections()
+        adapter = _AbortableAdapter(self._connections)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._session.headers["User-Agent"] = USER_AGENT
         self._session.headers["Accept"] = "application/json"
         self._session.headers.update(headers or {})
@@ -61,6 +149,10 @@ class Fetcher:
     def close(self) -> None:
         self._session.close()
 
+    def abort(self) -> None:
+        """Cut the fetch in flight, if any, and refuse new ones: for shutdown, from any thread."""
+        self._connections.abort()
+
     def get(self, url: str, validators: Validators | None = None) -> Response:
         """GET ``url``; raises Failure for anything but 200 or 304."""
         conditional = {}
@@ -70,6 +162,8 @@ class Fetcher:
             if validators.last_modified:
                 conditional["If-Modified-Since"] = validators.last_modified
         where = redact_url(url)
+        if self._connections.aborted:
+            raise Failure("cancelled", f"{where}: not fetched, the collector is stopping")
         # The read timeout applies per socket read, so a server trickling bytes could hold a
         # poll forever; the deadline bounds the whole response.
         deadline = time.monotonic() + self._timeout_secs
@@ -80,11 +174,10 @@ class Fetcher:
                 if resp.status_code == 304:
                     return Response(None, validators or Validators())
                 if resp.status_code != 200:
-                    snippet = resp.raw.read(200, decode_content=True) or b""
+                    snippet = resp.raw.read(2000, decode_content=True) or b""
                     raise Failure(
                         kind_of_status(resp.status_code),
-                        f"HTTP {resp.status_code} from {where}: "
-                        f"{snippet.decode('utf-8', 'replace').strip()[:200]}",
+                        f"HTTP {resp.status_code} from {where}: {describe_body(snippet)}",
                         status=resp.status_code,
                         retry_after_secs=parse_retry_after(
                             resp.headers.get("Retry-After"), time.time()
@@ -112,18 +205,69 @@ class Fetcher:
                     bytes(body),
                     Validators(resp.headers.get("ETag"), resp.headers.get("Last-Modified")),
                 )
-        except requests.Timeout as exc:
-            raise Failure("timeout", f"{where} timed out after {self._timeout_secs:g}s") from exc
-        except requests.ConnectionError as exc:
-            raise Failure("connection", f"{where}: {_reason(exc)}") from exc
         except requests.RequestException as exc:
-            raise Failure("connection", f"{where}: {type(exc).__name__}") from exc
+            if self._connections.aborted:
+                raise Failure("cancelled", f"{where}: cut, the collector is stopping") from exc
+            raise _classified(exc, where, self._timeout_secs) from exc
 
 
-def _reason(exc: Exception) -> str:
-    # requests nests the useful part (refused, DNS, TLS) several exceptions deep.
+def describe_body(body: bytes) -> str:
+    """An error body in one short line: an HTML error page is named by its title, not
+    printed whole."""
+    text = body.decode("utf-8", "replace").strip()
+    if text[:200].lstrip().lower().startswith(("<!doctype html", "<html", "<head", "<?xml")) or (
+        "<body" in text.lower()
+    ):
+        title = _TITLE.search(text)
+        heading = next((g for g in title.groups() if g), "") if title else ""
+        heading = re.sub(r"<[^>]+>", "", heading).strip() or "no title"
+        return f"an HTML page ({' '.join(heading.split())[:120]})"
+    return " ".join(text.split())[:200]
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", re.IGNORECASE | re.DOTALL)
+
+
+def _classified(exc: requests.RequestException, where: str, timeout_secs: float) -> Failure:
+    if isinstance(exc, requests.ConnectTimeout):
+        return Failure("timeout", f"{where}: no connection within {timeout_secs:g}s")
+    if isinstance(exc, requests.Timeout):
+        return Failure("timeout", f"{where} timed out after {timeout_secs:g}s")
+    if isinstance(exc, requests.ConnectionError):
+        return Failure("connection", f"{where}: {reason_of(exc)}")
+    return Failure("connection", f"{where}: {type(exc).__name__}")
+
+
+def reason_of(exc: BaseException) -> str:
+    """Why a connection failed, in words: requests nests the cause several exceptions deep,
+    and its own message is the same for a closed port and a name that does not resolve."""
+    seen: list[BaseException] = []
     inner: BaseException | None = exc
-    while inner is not None and inner.__context__ is not None and not isinstance(inner, OSError):
-        inner = inner.__context__
-    text = str(inner or exc)
+    while inner is not None and inner not in seen:
+        seen.append(inner)
+        inner = inner.__cause__ or inner.__context__ or _reason_attr(inner)
+    for cause in seen:
+        if isinstance(cause, socket.gaierror):
+            return f"the host name does not resolve ({cause.strerror or cause})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused: nothing listens on that host and port"
+        if isinstance(cause, ConnectionResetError):
+            return "the connection was reset by the server"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS failed: {cause.reason or cause}"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    text = str(seen[-1])
+    if "NameResolutionError" in text or "Name or service not known" in text:
+        return "the host name does not resolve"
+    if "Connection refused" in text:
+        return "connection refused: nothing listens on that host and port"
     return text.split(": ", 1)[-1][:200]
+
+
+def _reason_attr(exc: BaseException) -> BaseException | None:
+    # urllib3's MaxRetryError keeps the cause in .reason, and requests wraps it in args, both
+    # outside the exception chain.
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        return exc.reason
+    return next((a for a in exc.args if isinstance(a, BaseException)), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -16,8 +17,32 @@ def _quote(value: object) -> str:
     return text
 
 
+# Feeds put API keys in query strings and databases take tokens in headers; our own events
+# redact them where they are made, but third-party loggers (urllib3 at DEBUG prints every
+# request line) do not, so every line is redacted once more on its way out.
+_SECRETS = (
+    (re.compile(r"\?[^\s\"']+"), "?<redacted>"),
+    (re.compile(r"\b(Token|Bearer|Basic)\s+[^\s\"',}]+", re.IGNORECASE), r"\1 <redacted>"),
+    (
+        re.compile(
+            r"\b(password|passwd|token|api_?key|secret)([\"']?\s*[=:]\s*[\"']?)[^\s\"',&}]+", re.I
+        ),
+        r"\1\2<redacted>",
+    ),
+)
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        return redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         parts = [f"{stamp}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}"]
         parts.append(f"event={_quote(record.getMessage())}")

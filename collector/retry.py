@@ -23,6 +23,7 @@ ErrorKind = Literal[
     "schema",
     "auth",
     "rejected",
+    "cancelled",  # cut by shutdown: neither the source's fault nor worth a retry
 ]
 
 

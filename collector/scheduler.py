@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor as _Pool
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -119,7 +120,9 @@ class Collector:
         self._people: dict[int, Person] = {}
         self._logged_once: set[tuple[str, str]] = set()
         self.cadences: dict[str, Cadence] = {}
-        self.batcher: BatchingSink | None = None
+        self._in_flight = 0
+        self._patients_logged: dict[str, int] = {}
+        self._in_flight_lock = threading.Condition()
         self._feeds: dict[str, tuple[int, int]] = {}  # system -> (feed time, stations)
         self._telemetry = {m.name: Encoder(m) for m in (EVENTS, FEED, WRITES, SPOOL)}
         self._telemetry_lock = threading.Lock()
@@ -223,10 +226,30 @@ class Collector:
             ]
         return rows
 
+    def _log_patients(self, counts: dict[tuple[str, str, str], int]) -> None:
+        """One INFO line per report for all patients: polled several times a second, they
+        log no line of their own, and a quiet log must still show they are being read."""
+        names = {p.name for p in self.patients}
+        totals = {"readings": 0, "failed": 0, "anomalies": 0}
+        for (source, stage, result), n in counts.items():
+            if source not in names:
+                continue
+            if (stage, result) == ("fetch", "ok"):
+                totals["readings"] += n
+            elif stage == "anomaly":
+                totals["anomalies"] += n
+            elif stage in ("fetch", "parse", "poll") and result != "cancelled":
+                totals["failed"] += n
+        since = {k: v - self._patients_logged.get(k, 0) for k, v in totals.items()}
+        self._patients_logged = totals
+        event(log, logging.INFO, "patients", patients=len(names), **since)
+
     def report(self) -> None:
         """Write the collector's own metrics. Runs in its own job: a slow database delays
         these reports, never the sources' polls."""
         with self._telemetry_lock:  # encoders are per thread; reports never overlap anyway
+            if self.patients:
+                self._log_patients(self.counters.snapshot())
             lines: list[str] = []
             for name, rows in self.telemetry_rows(time.time()).items():
                 lines += self._telemetry[name].lines(rows)[0]
@@ -250,7 +273,8 @@ class Collector:
             self._logged_once.add((source, failure.reason))
         event(
             log,
-            logging.WARNING,
+            # Cut by our own shutdown: worth a count, not a warning.
+            logging.DEBUG if failure.kind == "cancelled" else logging.WARNING,
             what,
             source=source,
             stage=failure.stage,
@@ -261,16 +285,6 @@ class Collector:
         )
 
     # -- pressure
-    def _start_batcher(self) -> BatchingSink:
-        if self.batcher is None:
-            self.batcher = BatchingSink(
-                self.sink,  # type: ignore[arg-type]
-                flush_interval_secs=self.settings.pressure.flush_interval_secs,
-                on_report=self._written,
-                on_fatal=self._fatal,
-            )
-        return self.batcher
-
     def _written(self, bucket: str, report: WriteReport) -> None:
         self.counters.add(bucket, "write", "ok", report.written)
         self.counters.add(bucket, "write", "spooled", report.spooled)
@@ -291,7 +305,8 @@ class Collector:
         self.counters.add(bucket, "write", "drained", report.written)
         self.counters.add(bucket, "write", "rejected", report.rejected)
 
-    def poll_patient(self, poller: PatientPoller) -> bool:
+    def patient_lines(self, poller: PatientPoller) -> list[tuple[str, Precision, list[str]]]:
+        """One reading of a patient as (bucket, precision, lines); [] when the poll failed."""
         name = poller.name
         try:
             reading = poller.poll()
@@ -299,27 +314,42 @@ class Collector:
             # Patients are polled several times a second: a log line per failure would bury
             # the log. The first of each reason is logged; the counters keep the rest.
             self._failed(name, "poll_failed", failure, once=True)
-            return False
-        batcher = self._start_batcher()
+            return []
         pressure_encoder, anomaly_encoder, person_encoder = self._patient_encoders[
             poller.patient_id
         ]
         pressure_rows, anomaly_rows = pressure.rows(reading)
-        batcher.add(PRESSURE.bucket, PRESSURE.precision, pressure_encoder.lines(pressure_rows)[0])
+        batches = [(PRESSURE.bucket, PRESSURE.precision, pressure_encoder.lines(pressure_rows)[0])]
         if anomaly_rows:
             self.counters.add(name, "anomaly", "flagged", len(anomaly_rows))
-            batcher.add(ANOMALY.bucket, ANOMALY.precision, anomaly_encoder.lines(anomaly_rows)[0])
+            lines = anomaly_encoder.lines(anomaly_rows)[0]
+            batches.append((ANOMALY.bucket, ANOMALY.precision, lines))
         if reading.person is not None and self._people.get(poller.patient_id) != reading.person:
             self._people[poller.patient_id] = reading.person
             row = pressure.person_row(reading)
-            batcher.add(PATIENT.bucket, PATIENT.precision, person_encoder.lines([row])[0])
+            batches.append((PATIENT.bucket, PATIENT.precision, person_encoder.lines([row])[0]))
         self.counters.add(name, "fetch", "ok")
-        return True
+        return batches
 
-    def _patient_job(self, poller: PatientPoller) -> None:
+    def poll_patient_now(self, poller: PatientPoller) -> PollSummary:
+        """One reading, written before returning (``run --once``): the summary's count is
+        what the database took, not what was queued."""
+        batches = self.patient_lines(poller)
+        if not batches:
+            return PollSummary(poller.name, False, "failed")
+        written, ok = 0, True
+        for bucket, precision, lines in batches:
+            report = self.sink.write(bucket, lines, precision)
+            self._written(bucket, report)
+            written += report.written
+            ok = ok and not (report.rejected or report.failed)
+        return PollSummary(poller.name, ok, "new", written)
+
+    def _patient_job(self, poller: PatientPoller, batcher: BatchingSink) -> None:
         started = time.time()
         try:
-            self.poll_patient(poller)
+            for bucket, precision, lines in self.patient_lines(poller):
+                batcher.add(bucket, precision, lines)
         except Exception:
             self.counters.add(poller.name, "poll", "bug")
             log.exception("poll_crashed", extra={"source": poller.name})
@@ -341,20 +371,13 @@ class Collector:
 
     # -- run modes
     def run_once(self) -> list[PollSummary]:
-        """Poll every source once, concurrently, and wait for all writes."""
+        """Poll every source once, concurrently, and write everything before returning."""
         if not self.sources:
             return []
         with _Pool(max_workers=self.sources) as pool:
-            summaries = list(pool.map(self.poll, self.systems))
-            results = list(pool.map(self.poll_patient, self.patients))
-        summaries += [
-            PollSummary(p.name, ok, "new" if ok else "failed")
-            for p, ok in zip(self.patients, results, strict=True)
-        ]
-        if self.batcher is not None:
-            self.batcher.close()
-            self.batcher = None
-        return summaries
+            systems = pool.map(self.poll, self.systems)
+            patients = pool.map(self.poll_patient_now, self.patients)
+            return list(systems) + list(patients)
 
     def run(self, stop: threading.Event) -> None:
         """Poll on schedule until ``stop`` is set (or credentials are refused)."""
@@ -362,10 +385,20 @@ class Collector:
             executors={"default": ThreadPoolExecutor(max_workers=self.sources + 1)},
             timezone=UTC,
         )
+        batcher = (
+            BatchingSink(
+                self.sink,
+                flush_interval_secs=self.settings.pressure.flush_interval_secs,
+                on_report=self._written,
+                on_fatal=self._fatal,
+            )
+            if self.patients
+            else None
+        )
         for system in self.systems:
             interval = system.settings.interval_secs
             scheduler.add_job(
-                self._job,
+                self._tracked(self._job),
                 IntervalTrigger(seconds=interval, jitter=min(interval / 10, 5.0)),
                 args=(system,),
                 id=system.name,
@@ -380,17 +413,15 @@ class Collector:
             self.cadences[poller.name] = Cadence(interval, start)
             # No jitter: the cadence is the point. Every patient starts on the same slots.
             scheduler.add_job(
-                self._patient_job,
+                self._tracked(self._patient_job),
                 IntervalTrigger(seconds=interval, start_date=datetime.fromtimestamp(start, UTC)),
-                args=(poller,),
+                args=(poller, batcher),
                 id=poller.name,
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=None,
                 next_run_time=datetime.fromtimestamp(start, UTC),
             )
-        if self.patients:
-            self._start_batcher()
         every = self.settings.telemetry_interval_secs
         scheduler.add_job(
             self._report_job,
@@ -408,23 +439,46 @@ class Collector:
         stop.wait()
         self.stopped.set()
         event(log, logging.INFO, "stopping")
-        # Let polls in flight finish their writes; past the grace period, end their retries.
-        closer = threading.Thread(target=self._shutdown, args=(scheduler,))
-        closer.start()
-        closer.join(SHUTDOWN_GRACE_SECS)
-        if closer.is_alive():
-            self.sink.stop_retrying()
-            closer.join()
-        event(log, logging.INFO, "stopped")
+        self._shutdown(scheduler, batcher)
 
-    def _shutdown(self, scheduler: BackgroundScheduler) -> None:
-        scheduler.shutdown(wait=True)
+    def _tracked(self, job: Callable[..., None]) -> Callable[..., None]:
+        def tracked(*args: object) -> None:
+            with self._in_flight_lock:
+                self._in_flight += 1
+            try:
+                job(*args)
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+                    self._in_flight_lock.notify_all()
+
+        return tracked
+
+    def _wait_for_jobs(self, deadline: float) -> bool:
+        with self._in_flight_lock:
+            return self._in_flight_lock.wait_for(
+                lambda: self._in_flight == 0, max(0.0, deadline - time.monotonic())
+            )
+
+    def _shutdown(self, scheduler: BackgroundScheduler, batcher: BatchingSink | None) -> None:
+        """Stop within Docker's grace whatever the sources do: fetches in flight are cut (they
+        have collected nothing yet), writes in flight get ``SHUTDOWN_GRACE_SECS``, then go to
+        the spool; what the patients collected and the last counts are written last."""
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
+        scheduler.shutdown(wait=False)  # no new polls
+        for source in (*self.systems, *self.patients):
+            source.abort()
+        if not self._wait_for_jobs(deadline):
+            self.sink.stop_retrying()  # writes in flight spool what they hold and return
+            self._wait_for_jobs(deadline + SHUTDOWN_GRACE_SECS / 2)
         try:
-            if self.batcher is not None:
-                self.batcher.close()  # what the patients collected, written
+            if batcher is not None:
+                batcher.close()  # what the patients collected, written
             self.report()  # and the last counts
         except AuthError as exc:
             self._fatal(exc)
+        if time.monotonic() > deadline:
+            self.sink.stop_retrying()
 
     def close(self) -> None:
         """Close the sources' HTTP sessions; for whoever made the collector, after run()."""

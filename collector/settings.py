@@ -7,13 +7,17 @@ so a typo fails at start-up instead of being ignored.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -26,6 +30,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -47,6 +52,23 @@ Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,6
 
 class ConfigError(Exception):
     """Configuration that cannot be used; the message names every bad key."""
+
+
+# The folder of the config file being loaded: relative paths in it are relative to it, as
+# a user who writes `token_file = "secrets/token"` next to the file expects, wherever the
+# collector is started from.
+_CONFIG_DIR: ContextVar[Path | None] = ContextVar("config_dir", default=None)
+
+
+def _beside_config(value: object) -> object:
+    base = _CONFIG_DIR.get()
+    if base is not None and isinstance(value, str | Path) and str(value):
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+    return value
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_beside_config)]
 
 
 def _http_url(value: str | None) -> str | None:
@@ -78,10 +100,10 @@ class InfluxDBSettings(_Section):
     api: Literal["v1", "v2"] = "v2"
     org: str = "city"
     token: SecretStr | None = None
-    token_file: Path | None = None
+    token_file: ConfigPath | None = None
     username: str | None = None
     password: SecretStr | None = None
-    password_file: Path | None = None
+    password_file: ConfigPath | None = None
     retention_policy: str | None = Field(
         default=None, description="v1 only: retention policy to write to (default if unset)"
     )
@@ -256,10 +278,10 @@ class BucketsSettings(_Section):
 class SetupSettings(_Section):
     """What ``collector setup`` creates besides buckets."""
 
-    writer_token_file: Path | None = Field(
+    writer_token_file: ConfigPath | None = Field(
         default=None, description="v2: write-only token for the collector, created once"
     )
-    reader_token_file: Path | None = Field(
+    reader_token_file: ConfigPath | None = Field(
         default=None, description="v2: read-only token for Grafana, created once"
     )
     task_offset_secs: int = Field(
@@ -286,7 +308,7 @@ class SpoolSettings(_Section):
     """Batches the database cannot take now wait on disk here, in order, until it can."""
 
     enabled: bool = True
-    dir: Path = Field(default_factory=lambda: _state_dir() / "spool")
+    dir: ConfigPath = Field(default_factory=lambda: _state_dir() / "spool")
     max_mb: float = Field(default=512, gt=0, description="when full, the oldest batches go")
     dead_letter_max_mb: float = Field(default=64, gt=0)
 
@@ -295,7 +317,7 @@ class ArchiveSettings(_Section):
     """Every raw response fetched, compressed, one file per source per hour; off unless
     ``dir`` is set. Oldest files go first when past ``retention_days`` or ``max_bytes``."""
 
-    dir: Path | None = Field(default=None, description="where the archive lives; unset = off")
+    dir: ConfigPath | None = Field(default=None, description="where the archive lives; unset = off")
     retention_days: float = Field(default=14, gt=0, le=3660)
     max_bytes: int = Field(default=20 * 1024**3, ge=1024**2)
 
@@ -381,12 +403,35 @@ def load(path: str | Path | None = None) -> Settings:
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
+    token = _CONFIG_DIR.set(path.resolve().parent if path is not None else None)
     try:
         return _FromFile()
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
+    except SettingsError as exc:
+        raise ConfigError(_describe_env(exc) or f"{path}: {exc}") from None
     except ValueError as exc:  # TOML syntax errors arrive as ValueError subclasses
         raise ConfigError(f"{path}: {exc}") from None
+    finally:
+        _CONFIG_DIR.reset(token)
+
+
+def _describe_env(exc: SettingsError) -> str | None:
+    """A bad environment override, named: pydantic-settings names only the field."""
+    match = re.search(r'field "([^"]+)" from source "EnvSettingsSource"', str(exc))
+    if match is None:
+        return None
+    prefix = f"COLLECTOR_{match.group(1)}".upper()
+    names = sorted(name for name in os.environ if name.upper().startswith(prefix))
+    bad = []
+    for name in names:
+        value = os.environ[name].strip()
+        if value[:1] in "[{":
+            try:
+                json.loads(value)
+            except ValueError as error:
+                bad.append(f"environment variable {name}: not valid JSON ({error})")
+    return "\n".join(bad) or f"environment variable {' or '.join(names) or prefix}: {exc}"
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:

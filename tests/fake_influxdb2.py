@@ -109,6 +109,10 @@ class FakeInfluxDB2:
         gzipped = request.headers.get("Content-Encoding") == "gzip"
         if gzipped:
             body = gzip.decompress(body)
+        if not body:
+            # http/write_handler.go (influxdb v2): authorisation and bucket first, then an
+            # empty body is EInvalid "writing requires points".
+            return self._error(400, "invalid", "writing requires points")
         lines = body.decode("utf-8").split("\n")
         if self.max_lines is not None and len(lines) > self.max_lines:
             return self._error(413, "request too large", "unable to read data: too large")

@@ -50,8 +50,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "c
 class InfluxD:
     """Debian's ``influxd`` (1.x) in a temp dir, on free loopback ports."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, auth_enabled: bool = False) -> None:
         self.workdir = workdir
+        self.auth_enabled = auth_enabled  # then the first user created must be an admin
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -85,6 +86,7 @@ bind-address = "127.0.0.1:{free_port()}"
 [http]
   bind-address = "127.0.0.1:{self.port}"
   log-enabled = false
+  auth-enabled = {"true" if self.auth_enabled else "false"}
 [monitor]
   store-enabled = false
 [continuous_queries]

@@ -379,10 +379,9 @@ def test_unknown_patient_and_bad_input_are_counted_every_time_logged_once(
         by_id = {p.patient_id: p for p in collector.patients}
         with caplog.at_level("WARNING"):
             for _ in range(3):
-                assert collector.poll_patient(by_id[1]) is True
-                assert collector.poll_patient(by_id[2]) is False
-                assert collector.poll_patient(by_id[9]) is False
-        collector.batcher.close()
+                assert collector.poll_patient_now(by_id[1]).ok
+                assert not collector.poll_patient_now(by_id[2]).ok
+                assert not collector.poll_patient_now(by_id[9]).ok
     feeds.stop()
     counters = collector.counters
     assert counters.get("patient-1", "fetch", "ok") == 3

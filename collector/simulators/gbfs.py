@@ -85,6 +85,8 @@ class GbfsSimulator:
     ) -> None:
         if version not in ("2.3", "3.0"):
             raise ValueError("version must be 2.3 or 3.0")
+        if stations < 1:
+            raise ValueError(f"stations must be at least 1, not {stations}")
         self.version = version
         self.clock = clock
         self.epoch = clock() if epoch is None else epoch

@@ -183,6 +183,11 @@ class PressureSimulator:
         record: bool = False,
         patients: int = len(PATIENTS),
     ) -> None:
+        # A negative rate would make the anomaly schedule search forward for ever.
+        if not (math.isfinite(anomaly_runs_per_hour) and anomaly_runs_per_hour >= 0):
+            raise ValueError(f"anomaly_runs_per_hour must be >= 0, not {anomaly_runs_per_hour}")
+        if patients < 1:
+            raise ValueError(f"patients must be at least 1, not {patients}")
         # Beyond the original six (for load tests), ids reuse their profiles in turn.
         people = [
             dataclasses.replace(PATIENTS[(i - 1) % len(PATIENTS)], id=i)

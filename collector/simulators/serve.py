@@ -79,9 +79,16 @@ def make_server(app: WsgiApp, host: str = "127.0.0.1", port: int = 0) -> Threadi
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _Server((host, port), Handler)
     server.daemon_threads = True
     return server
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: when a collector polls many systems at the
+    # same instant, the connects beyond it are dropped by the kernel and retried a second
+    # later, longer than a short timeout_secs, so a random feed "times out".
+    request_queue_size = 1024
 
 
 class Background:

@@ -27,7 +27,7 @@ from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
 from collector.contract import Precision
-from collector.http import redact_url
+from collector.http import reason_of, redact_url
 from collector.logs import event
 from collector.retry import Backoff, Failure, kind_of_status, parse_retry_after
 from collector.settings import InfluxDBSettings
@@ -119,6 +119,41 @@ class InfluxWriter:
     def close(self) -> None:
         self._stopping.set()
 
+    def probe(self, bucket: str) -> None:
+        """Prove that these credentials may write to ``bucket`` (a contract name), writing
+        nothing: an empty write is authorised and the bucket looked up before the body is read
+        (1.x answers 204; 2.x, http/write_handler.go, 400 "writing requires points").
+        Raises AuthError or Failure naming what is wrong."""
+        name = self._names.get(bucket, bucket)
+        try:
+            self._send(name, b"", False, "s")
+        except Failure as failure:
+            if failure.status == 400 and "writing requires points" in str(failure):
+                return
+            if failure.kind == "auth":
+                raise AuthError(self.refused(f"writing to {name!r}", failure)) from None
+            if failure.status == 404:
+                kind = "database" if self.settings.api == "v1" else "bucket"
+                raise Failure(
+                    "rejected",
+                    f"{kind} {name!r} does not exist: run `collector setup`",
+                    stage="write",
+                    status=404,
+                ) from None
+            raise
+
+    def refused(self, doing: str, failure: Failure) -> str:
+        """What to check when the server refuses the credentials, in this API's terms."""
+        where = f"InfluxDB at {redact_url(self.settings.url)} refused the credentials"
+        if self.settings.api == "v1":
+            what = (
+                "check username and password_file (or token), and that the user has the "
+                "privilege this needs"
+            )
+        else:
+            what = f"check the token, its permission on the bucket, and org {self.settings.org!r}"
+        return f"{where} (HTTP {failure.status}) {doing}: {what}"
+
     def drain_latencies(self) -> dict[str, list[float]]:
         """Latencies (ms) of the write requests accepted since the last call, per bucket."""
         with self._latency_lock:
@@ -157,11 +192,7 @@ class InfluxWriter:
                 self._send(bucket, body, bool(level), precision)
             except Failure as failure:
                 if failure.kind == "auth":
-                    raise AuthError(
-                        f"InfluxDB at {redact_url(self.settings.url)} refused the credentials "
-                        f"(HTTP {failure.status}) writing to {bucket!r}: check the token, its "
-                        f"write permission on the bucket, and org {self.settings.org!r}"
-                    ) from None
+                    raise AuthError(self.refused(f"writing to {bucket!r}", failure)) from None
                 dropped = _beyond_retention(failure)
                 if dropped is not None:
                     return self._beyond(bucket, lines, failure, dropped)
@@ -173,7 +204,7 @@ class InfluxWriter:
                     return report
                 if failure.transient and attempt < retries:
                     if self._stopping.is_set():
-                        return self._give_up(bucket, lines, failure, attempt)
+                        return self._give_up(bucket, lines, failure, attempt, retries)
                     wait = self._backoff.delay(attempt, failure.retry_after_secs)
                     event(
                         log,
@@ -189,7 +220,7 @@ class InfluxWriter:
                     attempt += 1
                     self._sleep(wait)
                     continue
-                return self._give_up(bucket, lines, failure, attempt)
+                return self._give_up(bucket, lines, failure, attempt, retries)
             latency_ms = (time.monotonic() - started) * 1000
             with self._latency_lock:
                 self._latencies.setdefault(bucket, []).append(latency_ms)
@@ -233,12 +264,13 @@ class InfluxWriter:
         )
 
     def _give_up(
-        self, bucket: str, lines: Sequence[str], failure: Failure, attempts: int
+        self, bucket: str, lines: Sequence[str], failure: Failure, attempts: int, retries: int
     ) -> WriteReport:
         transient = failure.transient
         event(
             log,
-            logging.ERROR,
+            # Not retried here (retries=0): the spool retries and logs each attempt itself.
+            logging.DEBUG if transient and not retries else logging.ERROR,
             "write_failed" if transient else "write_rejected",
             bucket=bucket,
             lines=len(lines),
@@ -278,9 +310,8 @@ class InfluxV1Writer(InfluxWriter):
         except requests.Timeout as exc:
             raise Failure("timeout", f"{redact_url(url)} timed out", stage="write") from exc
         except requests.RequestException as exc:
-            raise Failure(
-                "connection", f"{redact_url(url)}: {type(exc).__name__}", stage="write"
-            ) from exc
+            where = redact_url(url)
+            raise Failure("connection", f"{where}: {reason_of(exc)}", stage="write") from exc
 
     @staticmethod
     def _check(resp: requests.Response, ok: tuple[int, ...]) -> None:
@@ -369,11 +400,11 @@ class InfluxV2Writer(InfluxWriter):
             raise Failure("rejected", f"{what}: {exc}", stage="write") from None
         except urllib3.exceptions.NewConnectionError as exc:
             # Checked first: urllib3 makes it a subclass of ConnectTimeoutError.
-            raise Failure("connection", f"{what}: connection failed", stage="write") from exc
+            raise Failure("connection", f"{what}: {reason_of(exc)}", stage="write") from exc
         except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
             raise Failure("timeout", f"{what}: timed out", stage="write") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise Failure("connection", f"{what}: {type(exc).__name__}", stage="write") from exc
+            raise Failure("connection", f"{what}: {reason_of(exc)}", stage="write") from exc
 
     def _send(self, bucket: str, body: bytes, gzipped: bool, precision: Precision) -> None:
         self.call(
@@ -390,6 +421,22 @@ class InfluxV2Writer(InfluxWriter):
 
     def ping(self) -> str:
         return str(self.call("ping", self._client.version))
+
+
+def api_mismatch(api: str, version: str) -> str | None:
+    """Why a server of ``version`` (its /ping header) cannot serve the configured ``api``."""
+    major = version.lstrip("v").split(".", 1)[0]
+    if api == "v2" and major == "1":
+        return (
+            f"the server is InfluxDB {version}, which has no v2 API (orgs, buckets, tokens): "
+            'set [influxdb] api = "v1"'
+        )
+    if api == "v1" and major == "2":
+        return (
+            f"the server is InfluxDB {version}: its databases are buckets, made with the v2 "
+            'API: set [influxdb] api = "v2" with org and token'
+        )
+    return None
 
 
 def make_writer(settings: InfluxDBSettings, **kwargs: Any) -> InfluxWriter:

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +163,12 @@ class Spool:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def oldest_by_bucket(self) -> dict[str, float]:
+        """When the oldest batch of each bucket was spooled (epoch seconds)."""
+        with self._lock:
+            rows = self._db.execute("SELECT bucket, MIN(created) FROM batches GROUP BY bucket")
+            return {bucket: created for bucket, created in rows}
+
     def stats(self) -> SpoolStats:
         with self._lock:
             batches, lines, size, oldest = self._db.execute(
@@ -175,17 +181,24 @@ class Spool:
 
 class DeadLetters:
     """Batches the server refused for good, kept as line protocol with the reason in a
-    comment line before each, for inspection. Rotated at ``max_bytes`` (one old file kept)."""
+    comment line before each, for inspection. Rotated at ``max_bytes`` (one old file kept).
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    The header names the bucket as configured (``bucket_names``: contract name -> configured
+    one), the one a person replaying the file must write to."""
+
+    def __init__(
+        self, path: Path, max_bytes: int, bucket_names: Mapping[str, str] | None = None
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._max_bytes = max_bytes
+        self._names = dict(bucket_names or {})
         self._lock = threading.Lock()
 
     def add(self, bucket: str, precision: str, lines: Sequence[str], failure: Failure) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         reason = str(failure).replace("\n", " ")
+        bucket = self._names.get(bucket, bucket)
         header = (
             f"# {stamp} bucket={bucket} precision={precision} lines={len(lines)} "
             f"status={failure.status} reason={failure.reason}: {reason}\n"
@@ -243,6 +256,17 @@ class SpoolingSink:
         report = self.writer.write(bucket, lines, precision, retry=False)
         self._dead_letter(bucket, precision, report)
         if report.unsent:
+            if not self._outage.is_set():
+                failure = report.errors[-1] if report.errors else None
+                event(
+                    log,
+                    logging.WARNING,
+                    "spooling",
+                    bucket=bucket,
+                    error=failure.kind if failure else None,
+                    detail=str(failure) if failure else None,
+                    note="writes wait on disk until the database takes them",
+                )
             self._outage.set()
             unsent = report.unsent
             report.unsent, report.failed = [], 0
@@ -290,9 +314,19 @@ class SpoolingSink:
 
     def _drain(self) -> None:
         failures = 0
+        drained_lines = drained_batches = 0
         while not self._stopping.is_set():
             batch = self.spool.oldest()
             if batch is None:
+                if drained_batches:
+                    event(
+                        log,
+                        logging.INFO,
+                        "spool_drained",
+                        batches=drained_batches,
+                        lines=drained_lines,
+                    )
+                    drained_lines = drained_batches = 0
                 self._outage.clear()
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -306,6 +340,8 @@ class SpoolingSink:
             self.spool.settle(batch.id, report.unsent)
             if report.written or report.rejected:
                 self._on_drained(batch.bucket, report)
+                drained_batches += 1
+                drained_lines += report.written
             if report.unsent:
                 retry_after = max(
                     (f.retry_after_secs or 0.0 for f in report.errors if f.transient), default=None

@@ -553,6 +553,10 @@ class GbfsSystem:
     def close(self) -> None:
         self._fetcher.close()
 
+    def abort(self) -> None:
+        """Cut the fetch in flight (shutdown); from any thread."""
+        self._fetcher.abort()
+
     def poll(self) -> Poll:
         """One poll. Raises Failure when no status could be had; the next poll retries."""
         now = self._clock()

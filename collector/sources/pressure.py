@@ -187,6 +187,10 @@ class PatientPoller:
     def close(self) -> None:
         self._fetcher.close()
 
+    def abort(self) -> None:
+        """Cut the fetch in flight (shutdown); from any thread."""
+        self._fetcher.abort()
+
     def poll(self) -> Reading:
         response = self._fetcher.get(self._url)
         assert response.body is not None  # no validators sent, so never a 304
