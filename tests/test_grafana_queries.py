@@ -1,0 +1,313 @@
+"""Every dashboard, variable, annotation and alert query, executed on a real InfluxDB 1.x
+filled by the collector itself (real GBFS fixtures and the simulators), with Grafana's macros
+substituted as Grafana does (tests/grafana_model.py, which cites the Grafana source it
+models). Expected figures are computed here straight from the input JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from collector.contract import DOWNSAMPLES, SENSORS
+from collector.provision import grafana
+from collector.provision.influxdb import continuous_query
+from collector.settings import Settings, load
+from collector.simulators.pressure import PressureSimulator
+from collector.simulators.serve import Background
+from tests.grafana_model import Context, RuleModel, execute, frames, interpolate
+from tests.support import SHARED_FIXTURES, FeedServer, InfluxD, Reply, run_cli, run_until_sigterm
+
+pytestmark = pytest.mark.influxdb
+
+FIXTURES = SHARED_FIXTURES / "gbfs"
+SYSTEMS = {
+    "citibike": "citibike-2019-v1.0",
+    "velib": "velib-2024",
+    "emptytown": "oslo-2022-v2.2-intbool",
+}
+STEP_SECS = 300
+STEPS = 9  # 40 minutes of polls, 5 minutes apart
+PATIENTS = (1, 2)
+FILES = grafana.render(Settings())
+RULES = {r["uid"]: r for r in yaml.safe_load(FILES["alerting/rules.yaml"])["groups"][0]["rules"]}
+DATASOURCES = {
+    d["uid"]: d["jsonData"]["dbName"]
+    for d in yaml.safe_load(FILES["datasources/influxdb.yaml"])["datasources"]
+}
+
+
+def _status(system: str, stamp: int) -> dict[str, Any]:
+    doc = json.loads((FIXTURES / SYSTEMS[system] / "station_status.json").read_text())
+    doc["last_updated"] = stamp
+    if system == "emptytown":  # most stations empty: the "many empty stations" case
+        for index, station in enumerate(doc["data"]["stations"]):
+            if index % 10 < 7:
+                station["num_bikes_available"] = 0
+    return doc
+
+
+class Filled:
+    """What the module's database holds, and the input it came from."""
+
+    def __init__(self, influxd: InfluxD, start: int) -> None:
+        self.influxd = influxd
+        self.start = start  # first poll's feed time
+        self.end = start + (STEPS - 1) * STEP_SECS  # last poll's feed time
+        self.pressure_span: tuple[int, int] = (0, 0)  # ms
+
+
+@pytest.fixture(scope="module")
+def filled(influxd: InfluxD, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"real-data fixtures not found at {SHARED_FIXTURES}")
+    tmp = tmp_path_factory.mktemp("grafana-queries")
+    for name in DATASOURCES.values():
+        influxd.query(f'DROP DATABASE "{name}"')
+    start = (int(time.time()) // 3600 - 2) * 3600  # two whole hours ago
+    data = Filled(influxd, start)
+    feeds = FeedServer().start()
+    clock = {"now": start}
+    systems = ""
+    for system, folder in SYSTEMS.items():
+        info = (FIXTURES / folder / "station_information.json").read_bytes()
+        feeds.routes[f"/{system}/info.json"] = Reply(200, info)
+        feeds.routes[f"/{system}/status.json"] = lambda _r, s=system: Reply(
+            200, json.dumps(_status(s, clock["now"])).encode()
+        )
+        systems += (
+            f'[[gbfs.systems]]\nname = "{system}"\n'
+            f'station_information_url = "{feeds.url}/{system}/info.json"\n'
+            f'station_status_url = "{feeds.url}/{system}/status.json"\n\n'
+        )
+    base = f'[influxdb]\nurl = "{influxd.url}"\napi = "v1"\nmax_retries = 0\n'
+    config = tmp / "gbfs.toml"
+    config.write_text(base + "[buckets.bikes]\nretention_hours = 0\n\n" + systems)
+    try:
+        assert run_cli("setup", config=config).returncode == 0
+        for step in range(STEPS):
+            clock["now"] = start + step * STEP_SECS
+            once = run_cli("run", "--once", config=config)
+            assert once.returncode == 0, once.stderr
+    finally:
+        feeds.stop()
+    # The downsampling statements `collector setup` installs, run for the polled hours as
+    # the server's continuous queries would.
+    names = load(config).buckets.names()
+    for ds in DOWNSAMPLES:
+        statement = continuous_query(ds, names, "autogen", 7200)[2]
+        select = statement.split(" BEGIN ", 1)[1].removesuffix(" END")
+        window = f"WHERE time >= {start - 3600}s AND time < {start + 3 * 3600}s GROUP BY"
+        influxd.query(select.replace(" GROUP BY", f" {window}", 1), names[ds.source.bucket])
+
+    sim = PressureSimulator(7, anomaly_runs_per_hour=600, record=True)
+    with Background(sim) as url:
+        live = tmp / "pressure.toml"
+        live.write_text(
+            "telemetry_interval_secs = 1\n" + base + "\n"
+            f'[pressure]\nurl = "{url}"\npatients = {list(PATIENTS)}\ninterval_secs = 0.1\n'
+        )
+        before = int(time.time() * 1000)
+        run_until_sigterm(
+            live,
+            lambda: all(sum(1 for p, _ in sim.served if p == pid) >= 80 for pid in PATIENTS),
+            what="80 readings per patient",
+        )
+        data.pressure_span = (before, int(time.time() * 1000))
+    for ds in DOWNSAMPLES:
+        if ds.source.bucket == "pressure":
+            statement = continuous_query(ds, names, "autogen", 120)[2]
+            select = statement.split(" BEGIN ", 1)[1].removesuffix(" END")
+            window = f"WHERE time >= {before - 120_000}ms GROUP BY"
+            influxd.query(select.replace(" GROUP BY", f" {window}", 1), "pressure")
+    yield data
+
+
+# ------------------------------------------------------------------------- the queries
+
+
+def _queries() -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(where, dashboard file, target model, panel) for every query of every dashboard."""
+    for name, content in FILES.items():
+        if not name.endswith(".json"):
+            continue
+        dash = json.loads(content)
+        for panel in dash["panels"]:
+            for target in panel.get("targets", []):
+                yield f"{name} / {panel['title']}", name, target, panel
+        for variable in dash.get("templating", {}).get("list", []):
+            if variable["type"] == "query":
+                target = {"query": variable["query"], "datasource": variable["datasource"]}
+                yield f"{name} / variable {variable['name']}", name, target, {"type": "var"}
+        for annotation in dash.get("annotations", {}).get("list", []):
+            if "target" in annotation:
+                yield (
+                    f"{name} / annotation {annotation['name']}",
+                    name,
+                    annotation["target"],
+                    {"type": "annotation"},
+                )
+
+
+QUERIES = list(_queries())
+
+
+def _context(filled: Filled, dashboard: str, panel: dict[str, Any]) -> Context:
+    to_ms = (filled.end + 60) * 1000
+    variables: dict[str, str | list[str]] = {
+        "system": "velib",
+        "station": "",
+        "colour_by": "bikes_available",
+        "patient": "1",
+    }
+    if "pressure" in dashboard or "collector" in dashboard:
+        to_ms = filled.pressure_span[1] + 1000
+    if "trip-flows" in dashboard:
+        to_ms = (filled.end + 60) * 1000
+    span = panel.get("timeFrom")
+    range_ms = 6 * 3600 * 1000
+    if span and span[0].isdigit() and span.endswith("d"):
+        range_ms = int(span[:-1]) * 86_400_000
+    return Context(to_ms - range_ms, to_ms, variables, min_interval=panel.get("interval"))
+
+
+def _station(filled: Filled) -> str:
+    rows = filled.influxd.query(
+        "SELECT last(bikes_available) FROM station_status WHERE system = 'velib' "
+        "GROUP BY station_id LIMIT 1",
+        "bikes",
+    )
+    return rows[0]["station_id"]
+
+
+def _run(filled: Filled, dashboard: str, target: dict[str, Any], panel: dict[str, Any]) -> Any:
+    ctx = _context(filled, dashboard, panel)
+    ctx.variables["station"] = _station(filled)
+    query = interpolate(target["query"], ctx)
+    db = DATASOURCES[target["datasource"]["uid"]]
+    result = execute(filled.influxd.url, db, query)
+    return frames(result, target.get("resultFormat", "time_series"))
+
+
+def _expected(system: str, stamp: int) -> dict[str, Any]:
+    stations = _status(system, stamp)["data"]["stations"]
+
+    def on(station: dict[str, Any], flag: str) -> bool:
+        return bool(station.get("is_installed", True)) and bool(station.get(flag, True))
+
+    renting = [s for s in stations if on(s, "is_renting") and s["num_bikes_available"] >= 0]
+    return {
+        "bikes": sum(s["num_bikes_available"] for s in renting),
+        "empty": sum(1 for s in renting if s["num_bikes_available"] == 0),
+        "full": sum(
+            1 for s in stations if on(s, "is_returning") and s.get("num_docks_available") == 0
+        ),
+    }
+
+
+@pytest.mark.parametrize("system", sorted(SYSTEMS))
+def test_counts_equal_the_feed(filled: Filled, system: str) -> None:
+    dashboard = "dashboards/livestack/bikes-live.json"
+    expected = _expected(system, filled.end)
+    stats = {
+        panel["title"]: panel
+        for panel in json.loads(FILES[dashboard])["panels"]
+        if panel["type"] == "stat"
+    }
+    got = {}
+    for title, key in (
+        ("Bikes available", "bikes"),
+        ("Empty stations", "empty"),
+        ("Full stations", "full"),
+    ):
+        panel = stats[title]
+        ctx = _context(filled, dashboard, panel)
+        ctx.variables["system"] = system
+        query = interpolate(panel["targets"][0]["query"], ctx)
+        (frame,) = frames(execute(filled.influxd.url, "bikes", query), "time_series")
+        got[key] = frame.fields["Value"][-1]
+    assert got == expected
+
+
+@pytest.mark.parametrize("system", sorted(SYSTEMS))
+def test_map_places_the_stations_with_their_colour(filled: Filled, system: str) -> None:
+    dashboard = "dashboards/livestack/bikes-live.json"
+    panel = next(p for p in json.loads(FILES[dashboard])["panels"] if p["type"] == "geomap")
+    ctx = _context(filled, dashboard, panel)
+    ctx.variables["system"] = system
+    (frame,) = frames(
+        execute(filled.influxd.url, "bikes", interpolate(panel["targets"][0]["query"], ctx)),
+        "table",
+    )
+    info = json.loads((FIXTURES / SYSTEMS[system] / "station_information.json").read_text())
+    placed = {str(s["station_id"]) for s in info["data"]["stations"]}
+    status = {str(s["station_id"]): s for s in _status(system, filled.end)["data"]["stations"]}
+    rows = list(
+        zip(
+            frame.fields["station_id"],
+            frame.fields["lat"],
+            frame.fields["lon"],
+            frame.fields["colour"],
+            strict=True,
+        )
+    )
+    on_map = {sid for sid, lat, lon, _ in rows if lat is not None and lon is not None}
+    assert len(on_map & placed) >= 0.99 * len(placed & set(status))
+    for sid, _lat, _lon, colour in rows:
+        assert colour == status[sid]["num_bikes_available"], sid
+
+
+# ------------------------------------------------------------------------- alerts
+
+
+def _rule(filled: Filled, uid: str) -> RuleModel:
+    rule = RULES[uid]
+    return RuleModel(rule, filled.influxd.url, DATASOURCES[rule["data"][0]["datasourceUid"]])
+
+
+def test_many_empty_stations_fires_for_that_system_alone_after_its_for(filled: Filled) -> None:
+    model = _rule(filled, "livestack-empty-stations")
+    firing_at = {}
+    for minute in range(0, (filled.end - filled.start) // 60 + 1):
+        at = (filled.start + minute * 60 + 30) * 1000
+        model.evaluate(at)
+        for key in model.firing():
+            firing_at.setdefault(key, minute)
+    assert set(firing_at) == {(("system", "emptytown"),)}
+    # Pending for the rule's `for` (30 m) from the first poll, then firing.
+    assert firing_at[(("system", "emptytown"),)] == 30
+
+
+def test_anomaly_fires_per_patient_and_sensor_and_resolves(filled: Filled) -> None:
+    model = _rule(filled, "livestack-pressure-anomaly")
+    flagged = filled.influxd.query(
+        "SELECT count(value) FROM anomaly GROUP BY patient_id, sensor", "anomalies", epoch="ms"
+    )
+    assert flagged, "the simulator produced no anomaly"
+    last = filled.influxd.query("SELECT last(value) FROM anomaly", "anomalies", epoch="ms")[0]
+    model.evaluate(last["time"] + 1)
+    expected = {
+        (("patient_id", r["patient_id"]), ("sensor", r["sensor"]))
+        for r in filled.influxd.query(
+            f"SELECT count(value) FROM anomaly WHERE time > {last['time'] - 20_000}ms "
+            "GROUP BY patient_id, sensor",
+            "anomalies",
+        )
+    }
+    assert model.firing() == expected and expected
+    assert {dict(k)["sensor"] for k in expected} <= set(SENSORS)
+    model.evaluate(last["time"] + 40_000)  # no flagged reading for 40 s
+    assert model.firing() == set()
+    assert all(model.instances[k].resolved for k in expected)
+
+
+def test_collector_silent_fires_when_it_stops(filled: Filled) -> None:
+    model = _rule(filled, "livestack-collector-silent")
+    model.evaluate(filled.pressure_span[1])
+    assert model.firing() == set()
+    model.evaluate(filled.pressure_span[1] + 10 * 60_000)
+    assert model.no_data and len(model.firing()) == 1
