@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -22,6 +22,7 @@ from collector.http import redact_url
 from collector.lineprotocol import Encoder, Row
 from collector.logs import event
 from collector.provision.influxdb import duration_secs
+from collector.retry import Failure
 from collector.settings import InfluxDBSettings
 from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, WriteReport, make_writer
 from collector.sources import gbfs
@@ -246,6 +247,44 @@ def retention_preflight(
         config_key=config_key,
     )
     return retention
+
+
+def warn_spooled_beyond_retention(
+    influxdb: InfluxDBSettings,
+    bucket_names: Mapping[str, str],
+    oldest_by_bucket: Mapping[str, float],
+    *,
+    now: float | None = None,
+) -> list[str]:
+    """At start-up: log a warning for each bucket whose spool holds batches spooled before its
+    retention's cut-off (their points are older still): the server will drop them as they
+    drain. Returns those buckets (configured names). A server that cannot be asked now is
+    left to the writer to report."""
+    now = time.time() if now is None else now
+    warned = []
+    for logical, spooled in sorted(oldest_by_bucket.items()):
+        name = bucket_names.get(logical, logical)
+        try:
+            retention = read_retention(influxdb, name)
+        except Failure:
+            break  # down or refusing: one timeout at most, and the writer reports it
+        except PreflightError:
+            continue
+        cutoff = retention.cutoff(now)
+        if cutoff is not None and spooled < cutoff:
+            warned.append(name)
+            event(
+                log,
+                logging.WARNING,
+                "spool_beyond_retention",
+                bucket=name,
+                oldest_spooled=_utc(spooled),
+                retention=retention.describe(),
+                detail="the server drops these points as the spool drains (counted as "
+                "beyond_retention): raise the bucket's retention_hours and run collector setup "
+                "first to keep them",
+            )
+    return warned
 
 
 # --------------------------------------------------------------------------- reading
