@@ -121,8 +121,8 @@ def main() -> None:
     server.start()
     try:
         config.write_text(
+            # The trips database keeps everything by default: a 2021 month fits as it is.
             f'[influxdb]\nurl = "{server.url}"\napi = "v1"\ntimeout_secs = 60\n'
-            '[buckets.bikes]\nname = "bikes"\nretention_hours = 0\n'
         )
         subprocess.run(
             [sys.executable, "-m", "collector.cli", "setup", "--config", str(config)],
@@ -130,7 +130,7 @@ def main() -> None:
             capture_output=True,
         )
         secs, peak = replay([str(path), "--config", str(config)])
-        (row,) = server.query('SELECT sum("undocks") AS u FROM "station_flow"', "bikes")
+        (row,) = server.query('SELECT sum("undocks") AS u FROM "station_flow"', "trips")
         print(
             f"real InfluxDB 1.x: {secs:.1f} s = {args.trips / secs:,.0f} trips/s = "
             f"{args.trips / secs * 60 / 1e6:.2f} M trips/min; peak RSS {peak:.0f} MB; "
