@@ -517,3 +517,44 @@ def test_an_outage_logs_once_and_its_drain_says_how_much(
     assert events.count("spool_retry") == 2 and "write_failed" not in events
     drained = next(r for r in caplog.records if r.getMessage() == "spool_drained")
     assert drained.lines == 3  # type: ignore[attr-defined]
+
+
+@pytest.mark.influxdb
+def test_the_local_example_runs_without_docker(tmp_path: Path, influxd: InfluxD) -> None:
+    # examples/local.toml as the README runs it, with the addresses of this test's servers.
+    from collector.simulators.gbfs import GbfsSimulator
+
+    example = Path(__file__).parent.parent / "examples" / "local.toml"
+    with Background(GbfsSimulator(1, stations=20)) as gbfs, Background(PressureSimulator(1)) as p:
+        env = {
+            **os.environ,
+            "COLLECTOR_INFLUXDB__URL": influxd.url,
+            "COLLECTOR_GBFS__SYSTEMS": json.dumps(
+                [{"name": "simcity", "url": f"{gbfs}/gbfs.json"}]
+            ),
+            "COLLECTOR_PRESSURE__URL": p,
+            "COLLECTOR_SPOOL__DIR": str(tmp_path / "spool"),
+        }
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "collector.cli", *args, "--config", str(example)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+                check=False,
+            )
+
+        setup = cli("setup")
+        assert setup.returncode == 0, setup.stderr
+        check = cli("check")
+        assert check.returncode == 0, check.stdout
+        once = cli("run", "--once")
+        assert once.returncode == 0, once.stderr
+    stations = influxd.query(
+        "SELECT count(bikes_available) FROM station_status WHERE \"system\"='simcity'", "bikes"
+    )
+    assert stations and stations[0]["count"] == 20
+    patients = influxd.query('SHOW TAG VALUES FROM pressure WITH KEY = "patient_id"', "pressure")
+    assert sorted(int(r["value"]) for r in patients) == [1, 2, 3, 4, 5, 6]
