@@ -351,23 +351,20 @@ def setup_v2(settings: Settings, writer: InfluxV2Writer) -> list[Step]:
         else:
             steps.append(Step("task", name, "unchanged"))
 
+    # Listing buckets shows a token only those it may read (authorizer/bucket.go,
+    # AuthorizeFindBuckets): the writer also reads `trips`, so that the replay's retention
+    # pre-flight can see that bucket's expire rule. Trip history holds no personal data.
+    writer_grants = [("write", logical) for logical in WRITTEN_BUCKETS] + [("read", TRIPS_BUCKET)]
     tokens = (
-        (
-            "writer token",
-            settings.setup.writer_token_file,
-            "write",
-            WRITTEN_BUCKETS,
-            "livestack collector: write",
-        ),
+        ("writer token", settings.setup.writer_token_file, writer_grants, "livestack collector"),
         (
             "reader token",
             settings.setup.reader_token_file,
-            "read",
-            tuple(BUCKETS),
+            [("read", logical) for logical in BUCKETS],
             "livestack grafana: read",
         ),
     )
-    for what, path, action, logicals, description in tokens:
+    for what, path, grants, description in tokens:
         if path is None:
             continue
         if path.is_file() and path.read_text().strip():
@@ -378,7 +375,7 @@ def setup_v2(settings: Settings, writer: InfluxV2Writer) -> list[Step]:
                 action=action,
                 resource=PermissionResource(type="buckets", id=bucket_ids[logical], org_id=org_id),
             )
-            for logical in logicals
+            for action, logical in grants
         ]
         authorization = call(
             "create token",
@@ -391,7 +388,11 @@ def setup_v2(settings: Settings, writer: InfluxV2Writer) -> list[Step]:
             ),
         )
         write_secret(path, authorization.token)
-        steps.append(Step(what, str(path), "created", f"{action} on {len(permissions)} buckets"))
+        summary = ", ".join(
+            f"{action} on {sum(1 for a, _ in grants if a == action)} buckets"
+            for action in sorted({a for a, _ in grants}, reverse=True)
+        )
+        steps.append(Step(what, str(path), "created", summary))
     return steps
 
 
