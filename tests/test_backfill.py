@@ -19,7 +19,7 @@ from collector.contract import BUCKETS
 from collector.settings import InfluxDBSettings
 from tests.fake_influxdb2 import FakeInfluxDB2
 from tests.support import InfluxD, run_cli
-from tests.test_trips import _independent_totals
+from tests.test_trips import TRIPS, _independent_totals
 
 FEB_2021 = "JC-202102-citibike-tripdata.csv"
 JAN_2018 = "JC-201801-citibike-tripdata.csv"
@@ -138,6 +138,12 @@ def _config(tmp_path: Path, influxd: InfluxD, extra: str = "") -> Path:
     return path
 
 
+def _set_up_trips(tmp_path: Path, influxd: InfluxD, retention_hours: int) -> Path:
+    config = _config(tmp_path, influxd, f"[buckets.trips]\nretention_hours = {retention_hours}\n")
+    assert run_cli("setup", config=config).returncode == 0
+    return config
+
+
 def _stored(influxd: InfluxD, system: str) -> dict[tuple[str, int], tuple[int, int]]:
     query = 'SELECT "undocks", "docks", "station_id" FROM "station_flow" WHERE "system" = '
     rows = influxd.query(f"{query}'{system}'", "trips")
@@ -175,8 +181,7 @@ def test_short_retention_stops_before_writing(
     tmp_path: Path, fresh_v1: InfluxD, shared_fixtures: Path
 ) -> None:
     path = shared_fixtures / "trips" / FEB_2021
-    config = _config(tmp_path, fresh_v1, "[buckets.trips]\nretention_hours = 720\n")
-    assert run_cli("setup", config=config).returncode == 0
+    config = _set_up_trips(tmp_path, fresh_v1, retention_hours=720)
     result = run_cli("replay", "trips", str(path), "--system", "citibike-jc", config=config)
     assert result.returncode == 2, result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("collector: ")]
@@ -220,8 +225,7 @@ def test_shift_to_now_lands_every_trip_moved_by_one_offset(
 ) -> None:
     path = shared_fixtures / "trips" / FEB_2021
     # 120 days: the month (with its trip docked in May) fits once shifted, not as it is.
-    config = _config(tmp_path, fresh_v1, "[buckets.trips]\nretention_hours = 2880\n")
-    assert run_cli("setup", config=config).returncode == 0
+    config = _set_up_trips(tmp_path, fresh_v1, retention_hours=2880)
     refused = run_cli("replay", "trips", str(path), "--system", "jc", config=config)
     assert refused.returncode == 2 and "keeps 2880h" in refused.stderr
     before = int(time.time()) // 60 * 60
@@ -236,3 +240,31 @@ def test_shift_to_now_lands_every_trip_moved_by_one_offset(
     expected = _independent_minutes(path)
     got = Counter({(s, t - offset): u for (s, t), (u, _d) in stored.items() if u})
     assert got == expected
+
+
+def _v2_replay_config(tmp_path: Path, server: FakeInfluxDB2) -> Path:
+    path = tmp_path / "v2.toml"
+    path.write_text(f'[influxdb]\nurl = "{server.url}"\napi = "v2"\norg = "city"\ntoken = "tok"\n')
+    return path
+
+
+@pytest.mark.parametrize(("retention_secs", "lands"), [(30 * DAY, False), (0, True)])
+def test_v2_bucket_rules_decide_whether_a_replay_writes(
+    tmp_path: Path, influx2: FakeInfluxDB2, retention_secs: int, lands: bool
+) -> None:
+    rules = [{"type": "expire", "everySeconds": retention_secs}] if retention_secs else []
+    influx2.buckets["trips"] = {
+        "id": "00000000000000aa",
+        "orgID": influx2.org_id,
+        "name": "trips",
+        "retentionRules": rules,
+    }
+    path = TRIPS / "new-schema.csv"  # February 2021
+    result = run_cli("replay", "trips", str(path), config=_v2_replay_config(tmp_path, influx2))
+    if lands:
+        assert result.returncode == 0, result.stderr
+        assert len(influx2.lines("trips")) == 3
+    else:
+        assert result.returncode == 2
+        assert "bucket 'trips'" in result.stderr and "keeps 720h" in result.stderr
+        assert influx2.writes == []
