@@ -265,3 +265,35 @@ def test_sigterm_stops_a_replay_whose_writes_keep_failing(
     # The writer's wait ends at the signal; it sends the batch in hand once more at most
     # (collector/sinks/influxdb.py checks the stop before each further wait).
     assert feeds.hits("/write") <= 2
+
+
+def test_live_replay_progress_moves_per_minute(caplog: pytest.LogCaptureFixture) -> None:
+    flows = _flows(DATA / "trips" / "old-schema.csv")  # minutes 05:01, 05:03, 05:09, 05:10
+    now = [1_800_000_000.0]
+
+    def sleep(secs: float) -> None:
+        now[0] += secs
+
+    bar = replay.ProgressLine(io.StringIO(), clock=Ticking(), every_secs=1.0)
+    caplog.set_level(logging.INFO, logger="collector.replay")
+    replay.live(
+        flows,
+        MemorySink(),
+        "citibike",
+        60.0,
+        lambda s: s,
+        clock=lambda: now[0],
+        sleep=sleep,
+        bar=bar,
+    )
+    events = [r for r in caplog.records if r.getMessage() == "replay_progress"]
+    assert [(r.stage, r.unit, r.done) for r in events] == [
+        ("replaying", "minutes", 1),
+        ("replaying", "minutes", 2),
+        ("replaying", "minutes", 3),
+        ("replaying", "minutes", 4),
+        ("replaying", "minutes", 4),
+    ]
+    # The ETA follows the replayed minutes: none at the first (0 of 9 minutes in), then known.
+    assert events[-1].final and events[0].eta_secs is None
+    assert all(r.eta_secs is not None for r in events[1:-1])

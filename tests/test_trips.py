@@ -214,3 +214,14 @@ def test_trip_ids_are_matched_to_gbfs_station_ids() -> None:
         for _m, (tags, _v, _t) in flows.rows("citibike", rename=lambda s: mapping.get(s, s))
     }
     assert stations == {"66db-uuid", "JC034"}  # JC034 is not in the feed: kept as it is
+
+
+def test_span_is_the_same_in_memory_and_spilled(shared_fixtures: Path) -> None:
+    path = shared_fixtures / "trips" / "JC-201801-citibike-tripdata.csv"
+    in_memory, spilled = _flows(path), _flows(path, max_keys_in_memory=500)
+    assert spilled.spilled and not in_memory.spilled
+    minutes = [minute for minute, _row in in_memory.rows("x")]
+    assert in_memory.span() == spilled.span() == (min(minutes), max(minutes))
+    assert in_memory.size() == spilled.size() == len(minutes)
+    in_memory.close()
+    spilled.close()
