@@ -154,7 +154,8 @@ class Frame:
         return "wide"
 
 
-def frames(result: dict[str, Any], result_format: str) -> list[Frame]:
+def frames(result: dict[str, Any], result_format: str, query: str = "") -> list[Frame]:
+    """``query``: the raw query, which newFrameWithoutTimeField reads to pick the column."""
     series = result.get("series", [])
     if not series:
         return []
@@ -172,7 +173,8 @@ def frames(result: dict[str, Any], result_format: str) -> list[Frame]:
     made = []
     for s in series:
         if "time" not in s["columns"]:
-            made.append(Frame(s["name"], {"Value": [v[0] for v in s["values"]]}))
+            column = 1 if "show tag values" in query.lower() else 0  # (key, value) rows
+            made.append(Frame(s["name"], {"Value": [v[column] for v in s["values"]]}))
             continue
         for index, column in enumerate(s["columns"]):
             if column == "time":

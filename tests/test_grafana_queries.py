@@ -8,23 +8,36 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
-from collector.contract import DOWNSAMPLES, SENSORS
+from collector.contract import DOWNSAMPLES, FEED, SENSORS
+from collector.lineprotocol import Encoder
 from collector.provision import grafana
 from collector.provision.influxdb import continuous_query
+from collector.scheduler import Collector
 from collector.settings import Settings, load
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
-from tests.grafana_model import Context, RuleModel, execute, frames, interpolate
-from tests.support import SHARED_FIXTURES, FeedServer, InfluxD, Reply, run_cli, run_until_sigterm
+from tests.grafana_model import Context, Frame, RuleModel, execute, frames, interpolate
+from tests.support import (
+    SHARED_FIXTURES,
+    FeedServer,
+    InfluxD,
+    MemorySink,
+    Reply,
+    run_cli,
+    run_until_sigterm,
+)
 
 pytestmark = pytest.mark.influxdb
 
 FIXTURES = SHARED_FIXTURES / "gbfs"
+TRIPS = SHARED_FIXTURES / "trips" / "JC-202102-citibike-tripdata.csv"
 SYSTEMS = {
     "citibike": "citibike-2019-v1.0",
     "velib": "velib-2024",
@@ -61,6 +74,47 @@ class Filled:
         self.pressure_span: tuple[int, int] = (0, 0)  # ms
 
 
+def _run_live(data: Filled, tmp: Path, feeds: FeedServer, base: str) -> None:
+    """`collector run` against the pressure simulator, a live copy of Vélib' and a dead feed,
+    writing its own metrics every second."""
+    velib = FIXTURES / SYSTEMS["velib"]
+    feeds.routes["/live/status.json"] = lambda _r: Reply(
+        200,
+        json.dumps(
+            {
+                **json.loads((velib / "station_status.json").read_text()),
+                "last_updated": int(time.time()),
+                "ttl": 0,
+            }
+        ).encode(),
+    )
+    feeds.routes["/dead/status.json"] = Reply(503, b"down")
+    systems = "".join(
+        f'[[gbfs.systems]]\nname = "{name}"\ninterval_secs = 1\n'
+        f'station_information_url = "{feeds.url}/velib/info.json"\n'
+        f'station_status_url = "{feeds.url}/{path}/status.json"\n\n'
+        for name, path in (("velib-live", "live"), ("dead", "dead"))
+    )
+    sim = PressureSimulator(7, anomaly_runs_per_hour=3600, record=True)
+    with Background(sim) as url:
+        live = tmp / "live.toml"
+        live.write_text(
+            "telemetry_interval_secs = 1\n" + base + "\n"
+            f'[pressure]\nurl = "{url}"\npatients = {list(PATIENTS)}\ninterval_secs = 0.1\n\n'
+            + systems
+        )
+        before = int(time.time() * 1000)
+        run_until_sigterm(
+            live,
+            lambda: (
+                all(sum(1 for p, _ in sim.served if p == pid) >= 80 for pid in PATIENTS)
+                and feeds.hits("/dead/status.json") >= 3
+            ),
+            what="80 readings per patient and 3 polls of the dead feed",
+        )
+        data.pressure_span = (before, int(time.time() * 1000))
+
+
 @pytest.fixture(scope="module")
 def filled(influxd: InfluxD, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
     if not FIXTURES.is_dir():
@@ -93,8 +147,20 @@ def filled(influxd: InfluxD, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             clock["now"] = start + step * STEP_SECS
             once = run_cli("run", "--once", config=config)
             assert once.returncode == 0, once.stderr
+        _run_live(data, tmp, feeds, base)
     finally:
         feeds.stop()
+    replayed = run_cli(
+        "replay",
+        "trips",
+        str(TRIPS),
+        "--backfill",
+        "--system",
+        "citibike-jc",
+        config=config,
+        timeout=300,
+    )
+    assert replayed.returncode == 0, replayed.stderr
     # The downsampling statements `collector setup` installs, run for the polled hours as
     # the server's continuous queries would.
     names = load(config).buckets.names()
@@ -104,20 +170,7 @@ def filled(influxd: InfluxD, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         window = f"WHERE time >= {start - 3600}s AND time < {start + 3 * 3600}s GROUP BY"
         influxd.query(select.replace(" GROUP BY", f" {window}", 1), names[ds.source.bucket])
 
-    sim = PressureSimulator(7, anomaly_runs_per_hour=600, record=True)
-    with Background(sim) as url:
-        live = tmp / "pressure.toml"
-        live.write_text(
-            "telemetry_interval_secs = 1\n" + base + "\n"
-            f'[pressure]\nurl = "{url}"\npatients = {list(PATIENTS)}\ninterval_secs = 0.1\n'
-        )
-        before = int(time.time() * 1000)
-        run_until_sigterm(
-            live,
-            lambda: all(sum(1 for p, _ in sim.served if p == pid) >= 80 for pid in PATIENTS),
-            what="80 readings per patient",
-        )
-        data.pressure_span = (before, int(time.time() * 1000))
+    before = data.pressure_span[0]
     for ds in DOWNSAMPLES:
         if ds.source.bucket == "pressure":
             statement = continuous_query(ds, names, "autogen", 120)[2]
@@ -156,41 +209,79 @@ def _queries() -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any]]]:
 QUERIES = list(_queries())
 
 
-def _context(filled: Filled, dashboard: str, panel: dict[str, Any]) -> Context:
-    to_ms = (filled.end + 60) * 1000
-    variables: dict[str, str | list[str]] = {
-        "system": "velib",
-        "station": "",
-        "colour_by": "bikes_available",
-        "patient": "1",
-    }
+PREFERRED = {"system": ("velib", "citibike-jc"), "patient": ("1",)}
+DAY_MS = 86_400_000
+
+
+def _range(filled: Filled, dashboard: str) -> tuple[int, int]:
+    """The picked range a user would look at: the data's own moments."""
+    if "trip-flows" in dashboard:  # the backfilled month, one time-range change away
+        return 1_612_137_600_000, 1_614_556_800_000  # Feb 2021, UTC
     if "pressure" in dashboard or "collector" in dashboard:
-        to_ms = filled.pressure_span[1] + 1000
-    if "trip-flows" in dashboard:
-        to_ms = (filled.end + 60) * 1000
+        end = filled.pressure_span[1] + 1000
+        return end - 5 * 60_000, end
+    end = (filled.end + 60) * 1000
+    return end - 6 * 3_600_000, end
+
+
+def _panel_range(picked: tuple[int, int], panel: dict[str, Any]) -> tuple[int, int]:
+    """A panel's relative time (``timeFrom``) replaces the picked range, ending at its end."""
+    start, end = picked
     span = panel.get("timeFrom")
-    range_ms = 6 * 3600 * 1000
-    if span and span[0].isdigit() and span.endswith("d"):
-        range_ms = int(span[:-1]) * 86_400_000
-    return Context(to_ms - range_ms, to_ms, variables, min_interval=panel.get("interval"))
+    if span == "now/d":
+        return end - end % DAY_MS, end  # the start of today (UTC here)
+    if span:
+        return end - int(span[:-1]) * DAY_MS, end
+    return start, end
 
 
-def _station(filled: Filled) -> str:
-    rows = filled.influxd.query(
-        "SELECT last(bikes_available) FROM station_status WHERE system = 'velib' "
-        "GROUP BY station_id LIMIT 1",
-        "bikes",
-    )
-    return rows[0]["station_id"]
+def _variables(filled: Filled, name: str) -> dict[str, str | list[str]]:
+    """Each variable from its own query, in order, as Grafana resolves them on load."""
+    dash = json.loads(FILES[name])
+    picked = _range(filled, name)
+    values: dict[str, str | list[str]] = {}
+    for variable in dash["templating"].get("list", []):
+        if variable["type"] == "custom":
+            # "Text : value, ...": the first value, as Grafana selects it by default
+            values[variable["name"]] = variable["query"].split(",")[0].split(" : ")[1].strip()
+            continue
+        query = interpolate(variable["query"], Context(*picked, values))
+        db = DATASOURCES[variable["datasource"]["uid"]]
+        found_frames = frames(execute(filled.influxd.url, db, query), "time_series", query)
+        assert len(found_frames) == 1, f"{name}: variable {variable['name']}: {query}"
+        (frame,) = found_frames
+        found = sorted(frame.fields["Value"])
+        assert found, f"{name}: variable {variable['name']} has no value"
+        preferred = [v for v in PREFERRED.get(variable["name"], ()) if v in found]
+        values[variable["name"]] = (preferred or found)[0]
+    return values
 
 
-def _run(filled: Filled, dashboard: str, target: dict[str, Any], panel: dict[str, Any]) -> Any:
-    ctx = _context(filled, dashboard, panel)
-    ctx.variables["station"] = _station(filled)
-    query = interpolate(target["query"], ctx)
+def _run(filled: Filled, name: str, target: dict[str, Any], panel: dict[str, Any]) -> list[Frame]:
+    start, end = _panel_range(_range(filled, name), panel)
+    ctx = Context(start, end, _variables(filled, name), min_interval=panel.get("interval"))
     db = DATASOURCES[target["datasource"]["uid"]]
+    query = interpolate(target["query"], ctx)
     result = execute(filled.influxd.url, db, query)
-    return frames(result, target.get("resultFormat", "time_series"))
+    return frames(result, target.get("resultFormat", "time_series"), query)
+
+
+def test_every_query_runs_and_returns_the_shape_its_panel_needs(filled: Filled) -> None:
+    assert len(QUERIES) >= 30
+    empty = []
+    for where, name, target, panel in QUERIES:
+        found = _run(filled, name, target, panel)
+        if not found:
+            empty.append(where)
+            continue
+        if panel["type"] in ("timeseries", "stat"):
+            for frame in found:  # time plus numeric values per series
+                assert frame.kind == "wide", (where, frame)
+                assert all(isinstance(v, int | float) or v is None for v in frame.fields["Value"])
+                assert len(frame.fields["Value"]) <= 10 * 1000, f"{where}: past the point limit"
+        if panel["type"] in ("geomap", "table", "barchart"):
+            assert len(found) == 1, f"{where}: one frame"
+    assert len(empty) <= 0.15 * len(QUERIES), f"no data from: {empty}"
 
 
 def _expected(system: str, stamp: int) -> dict[str, Any]:
@@ -225,8 +316,7 @@ def test_counts_equal_the_feed(filled: Filled, system: str) -> None:
         ("Full stations", "full"),
     ):
         panel = stats[title]
-        ctx = _context(filled, dashboard, panel)
-        ctx.variables["system"] = system
+        ctx = Context(*_range(filled, dashboard), {"system": system})
         query = interpolate(panel["targets"][0]["query"], ctx)
         (frame,) = frames(execute(filled.influxd.url, "bikes", query), "time_series")
         got[key] = frame.fields["Value"][-1]
@@ -237,8 +327,7 @@ def test_counts_equal_the_feed(filled: Filled, system: str) -> None:
 def test_map_places_the_stations_with_their_colour(filled: Filled, system: str) -> None:
     dashboard = "dashboards/livestack/bikes-live.json"
     panel = next(p for p in json.loads(FILES[dashboard])["panels"] if p["type"] == "geomap")
-    ctx = _context(filled, dashboard, panel)
-    ctx.variables["system"] = system
+    ctx = Context(*_range(filled, dashboard), {"system": system, "colour_by": "bikes_available"})
     (frame,) = frames(
         execute(filled.influxd.url, "bikes", interpolate(panel["targets"][0]["query"], ctx)),
         "table",
@@ -311,3 +400,57 @@ def test_collector_silent_fires_when_it_stops(filled: Filled) -> None:
     assert model.firing() == set()
     model.evaluate(filled.pressure_span[1] + 10 * 60_000)
     assert model.no_data and len(model.firing()) == 1
+
+
+def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
+    influxd: InfluxD, tmp_path: Path, feeds: FeedServer
+) -> None:
+    influxd.query('DROP DATABASE "collector"')
+    influxd.query('CREATE DATABASE "collector"')
+    # Feed times must be plausible (not ahead of the real clock): the 8 pinned hours end now.
+    start = int(time.time()) - 8 * 3600
+    clock = {"now": start}
+    spec = FIXTURES / "oslo-2022-v2.2-intbool"
+    feeds.routes["/info.json"] = Reply(200, (spec / "station_information.json").read_bytes())
+
+    def status(_request: Any) -> Reply:
+        doc = json.loads((spec / "station_status.json").read_text())
+        doc["last_updated"] = clock["now"] - 10
+        doc["ttl"] = 0  # the poller would otherwise wait out the ttl in real time
+        return Reply(200, json.dumps(doc).encode())
+
+    feeds.routes["/alive.json"] = status
+    feeds.routes["/dead.json"] = status
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "".join(
+            f'[[gbfs.systems]]\nname = "{name}"\n'
+            f'station_information_url = "{feeds.url}/info.json"\n'
+            f'station_status_url = "{feeds.url}/{name}.json"\n\n'
+            for name in ("alive", "dead")
+        )
+    )
+    collector = Collector(load(config), MemorySink())
+    encoder = Encoder(FEED)
+    model = RuleModel(RULES["livestack-feed-stale"], influxd.url, "collector")
+    history = []
+    for minute in range(0, 8 * 60, 1):  # 8 hours, a poll and a report a minute
+        clock["now"] = start + minute * 60
+        if minute == 5:
+            feeds.routes["/dead.json"] = Reply(503, b"down")
+        for system in collector.systems:
+            collector.poll(system)
+        lines = encoder.lines(collector.telemetry_rows(clock["now"])["feed"])[0]
+        requests.post(
+            f"{influxd.url}/write",
+            params={"db": "collector", "precision": "s"},
+            data="\n".join(lines),
+            timeout=5,
+        ).raise_for_status()
+        if minute % 10 == 0:
+            history.append((minute, model.evaluate(clock["now"] * 1000)))
+    collector.close()
+    dead, alive = (("system", "dead"),), (("system", "alive"),)
+    firing = [minute for minute, states in history if states.get(dead) == "Alerting"]
+    assert firing and firing[0] <= 20 and firing == [m for m, _ in history if m >= firing[0]]
+    assert all(states.get(alive) == "Normal" for _, states in history), history
