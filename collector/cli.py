@@ -313,7 +313,7 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
     flows, progress = Flows(timezone=args.timezone), Progress()
     bar = replay.ProgressLine()
     try:
-        return _replay_flows(config, args, flows, progress, bar, writer, retention, rename, stop)
+        return _replay_flows(args, flows, progress, bar, writer, retention, rename, stop)
     except TripFileError as exc:
         print(f"collector: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -434,7 +434,6 @@ def _replay_options_problem(args: argparse.Namespace) -> str | None:
 
 
 def _replay_flows(
-    config: settings.Settings,
     args: argparse.Namespace,
     flows: Flows,
     progress: Progress,
@@ -465,7 +464,7 @@ def _replay_flows(
         logs.event(
             log, logging.INFO, "replay_shift", offset_secs=shift_secs, detail="last minute = now"
         )
-    if retention is not None:
+    if retention is not None and args.speed is None:  # a live replay stamps minutes with now
         replay.check_retention(
             retention,
             span[0] * 60 + shift_secs,

@@ -268,3 +268,22 @@ def test_v2_bucket_rules_decide_whether_a_replay_writes(
         assert result.returncode == 2
         assert "bucket 'trips'" in result.stderr and "keeps 720h" in result.stderr
         assert influx2.writes == []
+
+
+def test_a_live_replay_is_not_held_to_the_files_dates(
+    tmp_path: Path, influx2: FakeInfluxDB2
+) -> None:
+    # --speed stamps each minute with the moment it is written: 2021 trips fit a 30-day bucket.
+    influx2.buckets["trips"] = {
+        "id": "00000000000000ab",
+        "orgID": influx2.org_id,
+        "name": "trips",
+        "retentionRules": [{"type": "expire", "everySeconds": 30 * DAY}],
+    }
+    path = TRIPS / "new-schema.csv"
+    config = _v2_replay_config(tmp_path, influx2)
+    before = time.time()
+    result = run_cli("replay", "trips", str(path), "--speed", "1e9", config=config)
+    assert result.returncode == 0, result.stderr
+    stamps = [int(line.rsplit(" ", 1)[1]) for line in influx2.lines("trips")]
+    assert len(stamps) == 3 and all(s >= before * 1000 - 1000 for s in stamps)
