@@ -169,11 +169,11 @@ class Archive:
                 self._log_once(source, f"error:{exc.errno}", f"{exc.strerror or exc}")
                 self._close(key)
                 return
+            with self._lock:
+                self._files[current.path] = current.size
+                self._total += grown
+                over = self._total > self._max_bytes
         self.counters.add(source, "archive", "ok")
-        with self._lock:
-            self._files[current.path] = current.size
-            self._total += grown
-            over = self._total > self._max_bytes
         if over:
             self._prune(self._clock())
 
@@ -273,9 +273,10 @@ class Archive:
             )
 
     def _log_once(self, source: str, what: str, detail: str) -> None:
-        if (source, what) in self._logged:
-            return
-        self._logged.add((source, what))
+        with self._lock:
+            if (source, what) in self._logged:
+                return
+            self._logged.add((source, what))
         event(
             log,
             logging.WARNING,
