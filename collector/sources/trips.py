@@ -185,8 +185,8 @@ def read_file(
         raise TripFileError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise TripFileError(
-            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-            f"{exc.start} of a read); trip files are UTF-8 CSV"
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} cannot be decoded); "
+            "trip files are UTF-8 CSV"
         ) from None
     except gzip.BadGzipFile:
         raise TripFileError(f"{path}: named .gz but not gzip-compressed") from None
