@@ -424,3 +424,62 @@ def test_replay_beyond_retention_stops_before_writing(tmp_path: Path, influxd: I
     assert result.returncode == 2, result.stderr
     assert "'pressure'" in result.stderr and "24h" in result.stderr and "--from" in result.stderr
     assert influxd.query('SELECT * FROM "pressure"', PRESSURE.bucket) == []
+
+
+def _reading(person: dict[str, Any]) -> bytes:
+    sensors = [{"id": i, "value": 10 * i, "anomaly": i == 0} for i in range(6)]
+    return orjson.dumps({**person, "id": 12, "trace": {"id": 1, "sensors": sensors}})
+
+
+@pytest.mark.parametrize("store_personal_data", [False, True])
+def test_replay_writes_patient_data_only_when_it_may_be_stored(
+    tmp_path: Path, store_personal_data: bool
+) -> None:
+    directory = tmp_path / "archive"
+    archive = Archive(directory, retention_days=30, max_bytes=10**9, clock=lambda: T0)
+    body = _reading({"firstname": "Ewa", "lastname": "Nowak", "birthdate": "1970"})
+    archive.record("pressure", "patient-4", "reading", "http://p/4", T0 + 0.123, body)
+    archive.close()
+    config = _config(tmp_path)
+    config.write_text(
+        config.read_text()
+        + f"\n[pressure]\nstore_personal_data = {str(store_personal_data).lower()}\n"
+    )
+    result = run_cli("replay", "archive", str(directory), "--dry-run", config=config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    stamp = str(T0 * 1000 + 123)
+    assert [line.split(",")[0] for line in lines].count("pressure") == 6
+    assert all(line.endswith(" " + stamp) for line in lines)
+    assert [line.split(",")[0] for line in lines].count("anomaly") == 1
+    patient = [line for line in lines if line.startswith("patient,")]
+    assert len(patient) == (1 if store_personal_data else 0)
+    assert ('lastname="Nowak"' in result.stdout) is store_personal_data
+
+
+def test_responses_the_parsers_refuse_are_counted_and_do_not_fail_the_replay(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "archive"
+    archive = Archive(directory, retention_days=30, max_bytes=10**9, clock=lambda: T0)
+    archive.record("gbfs", "oslo", "station_status", "http://x/s", T0, b"<html>Maintenance")
+    archive.record("gbfs", "oslo", "station_status", "http://x/s", T0 + 15, _status(T0 + 15, 4))
+    archive.close()
+    result = run_cli("replay", "archive", str(directory), "--dry-run", config=_config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].endswith(f" {T0 + 15}")
+    assert "unparsable=oslo:not_json:1" in result.stderr
+    assert result.stderr.count("event=replay_unparsable") == 1
+
+
+def test_an_archive_that_cannot_be_written_counts_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    counters = Counters()
+    archive = Archive(tmp_path, retention_days=30, max_bytes=10**9, counters=counters)
+    (tmp_path / "gbfs" / "oslo").write_text("a file where the folder should be")
+    for n in range(3):
+        archive.record("gbfs", "oslo", "station_status", "http://x/s", T0 + n, b"{}")
+    archive.close()
+    assert counters.get("oslo", "archive", "error") == 3
+    assert caplog.text.count("archive_failed") == 1
