@@ -342,6 +342,11 @@ class GrafanaSettings(_Section):
     empty_station_for_mins: int = Field(default=30, ge=1)
     feed_stale_secs: float = Field(default=300, ge=60)
     collector_silent_secs: int = Field(default=120, ge=30)
+    timezone: str = Field(
+        default="browser",
+        description="IANA zone of the systems (e.g. Europe/Oslo) for hour-of-week profiles; "
+        "browser = the viewer's",
+    )
 
     @field_validator("influxdb_url_env", "webhook_url_env")
     @classmethod

@@ -5,11 +5,14 @@ models). Expected figures are computed here straight from the input JSON."""
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import requests
@@ -20,7 +23,7 @@ from collector.lineprotocol import Encoder
 from collector.provision import grafana
 from collector.provision.influxdb import continuous_query
 from collector.scheduler import Collector
-from collector.settings import Settings, load
+from collector.settings import GrafanaSettings, Settings, load
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
 from tests.grafana_model import Context, Frame, RuleModel, execute, frames, interpolate
@@ -454,3 +457,109 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
     firing = [minute for minute, states in history if states.get(dead) == "Alerting"]
     assert firing and firing[0] <= 20 and firing == [m for m, _ in history if m >= firing[0]]
     assert all(states.get(alive) == "Normal" for _, states in history), history
+
+
+def _panel(dashboard: dict[str, Any], title: str) -> dict[str, Any]:
+    return next(p for p in dashboard["panels"] if p["title"] == title)
+
+
+def _format_time(ms: int, moment_format: str, zone: str) -> str:
+    """The moment.js tokens the week profile uses: d (weekday, Sunday 0), HH, ddd."""
+    local = datetime.fromtimestamp(ms / 1000, ZoneInfo(zone))
+    tokens = {"d": str(local.isoweekday() % 7), "HH": f"{local:%H}", "ddd": f"{local:%a}"}
+    return " ".join(tokens[token] for token in moment_format.split(" "))
+
+
+def test_week_profile_folds_hours_of_the_week_in_the_systems_time_zone(filled: Filled) -> None:
+    zone = "America/New_York"  # far from UTC, so a fold in UTC would not match
+    files = grafana.render(Settings(grafana=GrafanaSettings(timezone=zone)))
+    dashboard = json.loads(files["dashboards/livestack/station-history.json"])
+    panel = next(p for p in dashboard["panels"] if p["type"] == "barchart")
+    name = "dashboards/livestack/station-history.json"
+    (frame,) = _run(filled, name, panel["targets"][0], panel)
+    # Grafana's transformations, in the panel's order: formatTime, groupBy (mean), sortBy.
+    steps = {t["id"]: t["options"] for t in panel["transformations"]}
+    assert list(steps) == ["formatTime", "groupBy", "sortBy"]
+    assert steps["formatTime"]["timezone"] == zone
+    fold = steps["formatTime"]["outputFormat"]
+    groups: dict[str, list[float]] = {}
+    for ms, value in zip(frame.fields["Time"], frame.fields["bikes"], strict=True):
+        groups.setdefault(_format_time(ms, fold, zone), []).append(value)
+    shown = {key: sum(v) / len(v) for key, v in sorted(groups.items())}
+    # Independently: hourly means of the raw points of that station, folded the same way.
+    station = _variables(filled, name)["station"]
+    raw = filled.influxd.query(
+        f"SELECT bikes_available FROM station_status WHERE system = 'velib' "
+        f"AND station_id = '{station}'",
+        "bikes",
+        epoch="ms",
+    )
+    hours: dict[int, list[int]] = {}
+    for row in raw:
+        hours.setdefault(row["time"] // 3_600_000 * 3_600_000, []).append(row["bikes_available"])
+    expected: dict[str, list[float]] = {}
+    for hour, values in hours.items():
+        expected.setdefault(_format_time(hour, fold, zone), []).append(sum(values) / len(values))
+    assert shown == pytest.approx({k: sum(v) / len(v) for k, v in expected.items()})
+    assert shown, "no hour of the week shown"
+
+
+def _run_starts(times_ms: list[int], start_ms: int, step_ms: int = 10_000) -> int:
+    """Anomaly runs: maximal sequences of consecutive 10 s steps (aligned on the epoch, as
+    InfluxDB's GROUP BY time) holding a flagged reading; one already on at the range's first
+    step has no start in the range."""
+    steps = {t // step_ms for t in times_ms}
+    first = start_ms // step_ms
+    return sum(1 for s in steps if s - 1 not in steps and s > first)
+
+
+def test_anomaly_runs_today_counts_runs_not_readings(filled: Filled) -> None:
+    name = "dashboards/livestack/pressure-live.json"
+    dashboard = json.loads(FILES[name])
+    panel = _panel(dashboard, "Anomaly runs today")
+    (frame,) = _run(filled, name, panel["targets"][0], panel)
+    start, end = _panel_range(_range(filled, name), panel)
+    flagged = filled.influxd.query(
+        f"SELECT value FROM anomaly WHERE patient_id = '1' AND time >= {start}ms "
+        f"AND time <= {end}ms",
+        "anomalies",
+        epoch="ms",
+    )
+    expected = _run_starts(sorted({row["time"] for row in flagged}), start)
+    assert frame.fields["Value"] == [expected]
+    assert expected < len(flagged)  # runs, not readings
+    # The annotation: one marker per run start.
+    (annotation,) = [a for a in dashboard["annotations"]["list"] if a["name"] == "Anomaly runs"]
+    markers = _run(filled, name, annotation["target"], {})
+    assert sum(len(frame.fields["Time"]) for frame in markers) == expected
+
+
+def test_busiest_stations_equal_the_trip_file(filled: Filled) -> None:
+    name = "dashboards/livestack/trip-flows.json"
+    panel = _panel(json.loads(FILES[name]), "Busiest stations")
+    (frame,) = _run(filled, name, panel["targets"][0], panel)
+    undocks: dict[str, int] = {}
+    docks: dict[str, int] = {}
+    first, last = _range(filled, name)
+    new_york = ZoneInfo("America/New_York")  # the file's times; each event at its minute
+
+    def inside(local: str) -> bool:
+        moment = datetime.fromisoformat(local).replace(second=0, tzinfo=new_york)
+        return first <= moment.timestamp() * 1000 <= last
+
+    with TRIPS.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            start, end = row["start_station_id"], row["end_station_id"]
+            if not start or not end or row["ended_at"] < row["started_at"]:
+                continue
+            if inside(row["started_at"]):
+                undocks[start] = undocks.get(start, 0) + 1
+            if inside(row["ended_at"]):
+                docks[end] = docks.get(end, 0) + 1
+    trips = {s: undocks.get(s, 0) + docks.get(s, 0) for s in undocks.keys() | docks.keys()}
+    top = sorted(trips.values(), reverse=True)[:15]
+    assert sorted(frame.fields["top"], reverse=True) == top
+    for station, total, out in zip(
+        frame.fields["station_id"], frame.fields["top"], frame.fields["undocks"], strict=True
+    ):
+        assert (total, out) == (trips[station], undocks.get(station, 0)), station

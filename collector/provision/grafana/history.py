@@ -20,6 +20,7 @@ from collector.provision.grafana.common import (
     regex,
     tag_variable,
 )
+from collector.settings import GrafanaSettings
 
 S = STATION_STATUS
 STATION = f'"system" =~ {regex("system")} AND "station_id" =~ {regex("station")}'
@@ -64,13 +65,13 @@ def hourly() -> timeseries.Panel:
     )
 
 
-def week_profile_transformations() -> list[dm.DataTransformerConfig]:
+def week_profile_transformations(timezone: str) -> list[dm.DataTransformerConfig]:
     """InfluxQL cannot fold time; Grafana folds it: each hourly mean's time becomes its hour of
-    the week (in the dashboard's time zone), then the weeks are averaged per hour."""
+    the week in the systems' time zone, then the weeks are averaged per hour."""
     steps: list[tuple[str, dict[str, Any]]] = [
         (
             "formatTime",
-            {"timeField": "Time", "outputFormat": HOUR_OF_WEEK_FORMAT, "useTimezone": True},
+            {"timeField": "Time", "outputFormat": HOUR_OF_WEEK_FORMAT, "timezone": timezone},
         ),
         (
             "groupBy",
@@ -86,7 +87,7 @@ def week_profile_transformations() -> list[dm.DataTransformerConfig]:
     return [dm.DataTransformerConfig(id_val=name, options=options) for name, options in steps]
 
 
-def week_profile() -> barchart.Panel:
+def week_profile(timezone: str) -> barchart.Panel:
     query = (
         f'SELECT mean("bikes_available_mean") AS "bikes" FROM "{STATION_STATUS_1H.name}" '
         f"WHERE {STATION} AND $timeFilter GROUP BY time(1h) fill(none)"
@@ -102,12 +103,12 @@ def week_profile() -> barchart.Panel:
         .x_field("Time")
         .x_tick_label_spacing(100)
     )
-    for step in week_profile_transformations():
+    for step in week_profile_transformations(timezone):
         built = built.with_transformation(step)
     return built
 
 
-def build() -> db.Dashboard:
+def build(settings: GrafanaSettings) -> db.Dashboard:
     return (
         dashboard(UID_HISTORY, "Station history", "1m", "now-7d", ["bikes"])
         .with_variable(tag_variable("system", "System", S.bucket, S.name, "system"))
@@ -123,5 +124,5 @@ def build() -> db.Dashboard:
         )
         .with_panel(raw_counts())
         .with_panel(hourly())
-        .with_panel(week_profile())
+        .with_panel(week_profile(settings.timezone))
     )
