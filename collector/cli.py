@@ -338,6 +338,12 @@ def _replay_archive(config: settings.Settings, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     directory = args.files[0]
     selection = archive.select(directory, system=args.system, start=start, end=end)
+    if not selection.files:
+        which = f" of system {args.system!r}" if args.system else ""
+        print(
+            f"collector: no archive files{which} in that range under {directory}", file=sys.stderr
+        )
+        return EXIT_CONFIG
     outcome = archive.ReplayOutcome()
     keep_person = config.pressure.store_personal_data
     files, spans = archive.verify(selection, outcome, keep_person=keep_person)

@@ -483,3 +483,14 @@ def test_an_archive_that_cannot_be_written_counts_and_never_raises(
     archive.close()
     assert counters.get("oslo", "archive", "error") == 3
     assert caplog.text.count("archive_failed") == 1
+
+
+def test_a_system_with_no_archive_files_exits_2(tmp_path: Path) -> None:
+    archive = Archive(tmp_path, retention_days=30, max_bytes=10**9, clock=lambda: T0)
+    archive.record("gbfs", "oslo", "station_status", "http://x/s", T0, _status(T0, 1))
+    archive.close()
+    result = run_cli(
+        "replay", "archive", str(tmp_path), "--system", "olso", config=_config(tmp_path)
+    )
+    assert result.returncode == 2
+    assert "no archive files of system 'olso'" in result.stderr
