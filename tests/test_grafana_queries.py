@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from collector.contract import DOWNSAMPLES, FEED, SENSORS
+from collector.contract import DOWNSAMPLES, EVENTS, FEED, SENSORS
 from collector.lineprotocol import Encoder
 from collector.provision import grafana
 from collector.provision.influxdb import continuous_query
@@ -422,15 +422,24 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
         doc["ttl"] = 0  # the poller would otherwise wait out the ttl in real time
         return Reply(200, json.dumps(doc).encode())
 
+    def slow(_request: Any) -> Reply:
+        # A ttl of 300 s published a little late: its age climbs past the 300 s threshold
+        # before each refresh, then drops; the old "newest point older than 300 s" flapped.
+        doc = json.loads((spec / "station_status.json").read_text())
+        doc["last_updated"] = clock["now"] - (clock["now"] - start) % 330 - 5
+        doc["ttl"] = 0
+        return Reply(200, json.dumps(doc).encode())
+
     feeds.routes["/alive.json"] = status
     feeds.routes["/dead.json"] = status
+    feeds.routes["/slow.json"] = slow
     config = tmp_path / "c.toml"
     config.write_text(
         "".join(
             f'[[gbfs.systems]]\nname = "{name}"\n'
             f'station_information_url = "{feeds.url}/info.json"\n'
             f'station_status_url = "{feeds.url}/{name}.json"\n\n'
-            for name in ("alive", "dead")
+            for name in ("alive", "dead", "slow")
         )
     )
     collector = Collector(load(config), MemorySink())
@@ -453,10 +462,21 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
         if minute % 10 == 0:
             history.append((minute, model.evaluate(clock["now"] * 1000)))
     collector.close()
-    dead, alive = (("system", "dead"),), (("system", "alive"),)
+    dead, alive, slow = (("system", "dead"),), (("system", "alive"),), (("system", "slow"),)
     firing = [minute for minute, states in history if states.get(dead) == "Alerting"]
     assert firing and firing[0] <= 20 and firing == [m for m, _ in history if m >= firing[0]]
     assert all(states.get(alive) == "Normal" for _, states in history), history
+    assert all(states.get(slow) == "Normal" for _, states in history), history
+    ages = [
+        row["age_secs"]
+        for row in influxd.query("SELECT age_secs FROM feed WHERE system = 'slow'", "collector")
+    ]
+    assert (
+        max(ages)
+        > RULES["livestack-feed-stale"]["data"][2]["model"]["conditions"][0]["evaluator"]["params"][
+            0
+        ]
+    ), "the slow feed must cross the threshold, or this proves nothing"
 
 
 def _panel(dashboard: dict[str, Any], title: str) -> dict[str, Any]:
@@ -563,3 +583,54 @@ def test_busiest_stations_equal_the_trip_file(filled: Filled) -> None:
         frame.fields["station_id"], frame.fields["top"], frame.fields["undocks"], strict=True
     ):
         assert (total, out) == (trips[station], undocks.get(station, 0)), station
+
+
+def _write_telemetry(influxd: InfluxD, collector: Collector, now: int) -> None:
+    rows = collector.telemetry_rows(now)["events"]
+    requests.post(
+        f"{influxd.url}/write",
+        params={"db": "health", "precision": "s"},
+        data="\n".join(Encoder(EVENTS).lines(rows)[0]),
+        timeout=5,
+    ).raise_for_status()
+
+
+def test_health_rates_show_first_occurrences_restarts_and_drained_points(
+    influxd: InfluxD, tmp_path: Path
+) -> None:
+    influxd.query('DROP DATABASE "health"')
+    influxd.query('CREATE DATABASE "health"')
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    start = int(time.time()) - 3600
+    first = Collector(load(config), MemorySink())
+    _write_telemetry(influxd, first, start)  # nothing counted yet
+    first.counters.add("oslo", "fetch", "timeout")  # a kind never seen before
+    _write_telemetry(influxd, first, start + 10)
+    first.counters.add("bikes", "write", "drained", 40)
+    _write_telemetry(influxd, first, start + 20)
+    # A restart: counts start again from zero, the first report comes 30 s later.
+    second = Collector(load(config), MemorySink())
+    second.counters.add("oslo", "fetch", "timeout", 2)
+    second.counters.add("bikes", "write", "ok", 7)
+    _write_telemetry(influxd, second, start + 60)
+    name = "dashboards/livestack/collector-health.json"
+    dashboard = json.loads(FILES[name])
+    totals = {}
+    for title in (
+        "Errors by source, stage and kind",
+        "Points written (drained from the spool included)",
+    ):
+        panel = _panel(dashboard, title)
+        ctx = Context(start * 1000, (start + 120) * 1000, min_interval=panel.get("interval"))
+        query = interpolate(panel["targets"][0]["query"], ctx)
+        found = frames(execute(influxd.url, "health", query), "time_series")
+        totals[title] = {
+            tuple(sorted(f.labels.items())): sum(v for v in f.fields["Value"] if v) for f in found
+        }
+    assert totals["Errors by source, stage and kind"] == {
+        (("result", "timeout"), ("source", "oslo"), ("stage", "fetch")): 3
+    }
+    assert totals["Points written (drained from the spool included)"] == {
+        (("source", "bikes"),): 47
+    }
