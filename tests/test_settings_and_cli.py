@@ -119,6 +119,8 @@ name = "down"
 url = "http://127.0.0.1:{free_port()}/gbfs.json"
 """,
     )
+    influxd.query('CREATE DATABASE "bikes"')
+    influxd.query('CREATE DATABASE "collector"')
     proc = run_cli("check", config=path)
     assert proc.returncode == 1  # one system is down
     out = proc.stdout
