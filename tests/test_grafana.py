@@ -15,7 +15,8 @@ import yaml
 from collector.contract import BUCKETS, DOWNSAMPLES, MEASUREMENTS
 from collector.provision import grafana
 from collector.settings import Settings
-from tests.support import ROOT, run_cli
+from tests.flux import assert_valid
+from tests.support import ROOT, InfluxD, run_cli
 
 TREE = ROOT / "grafana" / "provisioning"
 SETTINGS = Settings()
@@ -129,3 +130,23 @@ def test_multi_series_panels_show_their_legend_and_feed_age_its_threshold() -> N
     assert custom["thresholdsStyle"]["mode"] == "line"
     steps = age["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert steps[-1]["value"] == SETTINGS.grafana.feed_stale_secs
+
+
+def _readme_blocks(language: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def test_readme_flux_examples_pass_influxdatas_checker() -> None:
+    blocks = _readme_blocks("flux")
+    assert blocks
+    assert_valid({f"README flux example {i}": block for i, block in enumerate(blocks)})
+
+
+def test_readme_influxql_examples_run(influxd: InfluxD) -> None:
+    blocks = _readme_blocks("sql")
+    assert blocks
+    for bucket in BUCKETS:
+        influxd.query(f'CREATE DATABASE "{bucket}"')
+    for block in blocks:
+        influxd.query(" ".join(block.split()), "bikes")  # raises on an InfluxQL error
