@@ -21,9 +21,9 @@ from collector.provision.grafana.common import (
     count_stat,
     dashboard,
     grid,
-    legend,
     panel,
     regex,
+    series,
     tag_variable,
 )
 
@@ -174,29 +174,21 @@ def _sum_per_interval(measurement: str, per_station: str, where: str) -> str:
 
 def bikes_over_time() -> timeseries.Panel:
     query = _sum_per_interval(S.name, 'last("bikes_available")', SYSTEM)
-    return (
-        panel(
-            timeseries.Panel,
-            "Bikes available in ${system} (raw, kept 30 days)",
-            grid(0, 22, 12, 8),
-            InfluxQL(S.bucket, query),
-        )
-        .interval("1m")  # never finer than the polls, or stations drop out of intervals
-        .legend(legend())
+    return series(
+        "Bikes available in ${system} (raw, kept 30 days)",
+        grid(0, 22, 12, 8),
+        InfluxQL(S.bucket, query),
+        interval="1m",  # never finer than the polls: stations would drop out
     )
 
 
 def bikes_over_time_hourly() -> timeseries.Panel:
     query = _sum_per_interval(STATION_STATUS_1H.name, 'mean("bikes_available_mean")', SYSTEM)
-    return (
-        panel(
-            timeseries.Panel,
-            "Bikes available in ${system}, hourly (kept 2 years)",
-            grid(12, 22, 12, 8),
-            InfluxQL(BIKES_1H_BUCKET, query),
-        )
-        .interval("1h")
-        .legend(legend())
+    return series(
+        "Bikes available in ${system}, hourly (kept 2 years)",
+        grid(12, 22, 12, 8),
+        InfluxQL(BIKES_1H_BUCKET, query),
+        interval="1h",
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders import stat
+from grafana_foundation_sdk.builders import stat, timeseries
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.models import common as cm
@@ -166,3 +166,9 @@ def tag_variable(
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(dm.VariableSort.ALPHABETICAL_ASC)
     )
+
+
+def series(title: str, grid_pos: dm.GridPos, target: InfluxQL, *, interval: str) -> Any:
+    """A time series panel with its legend. ``interval`` is the data's cadence: Grafana never
+    makes ``$__interval`` finer, where intervals would hold no point."""
+    return panel(timeseries.Panel, title, grid_pos, target).interval(interval).legend(legend())

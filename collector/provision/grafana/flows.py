@@ -12,9 +12,9 @@ from collector.provision.grafana.common import (
     InfluxQL,
     dashboard,
     grid,
-    legend,
     panel,
     regex,
+    series,
     tag_variable,
 )
 
@@ -28,15 +28,11 @@ def over_time() -> timeseries.Panel:
         f'SELECT sum("undocks") AS "undocks", sum("docks") AS "docks" FROM "{F.name}" '
         f"WHERE {SYSTEM} AND $timeFilter GROUP BY time($__interval) fill(0)"
     )
-    return (
-        panel(
-            timeseries.Panel,
-            "Bikes taken (undocks) and returned (docks), all stations",
-            grid(0, 0, 24, 9),
-            InfluxQL(F.bucket, query),
-        )
-        .interval("1m")  # the replay's resolution
-        .legend(legend())
+    return series(
+        "Bikes taken (undocks) and returned (docks), all stations",
+        grid(0, 0, 24, 9),
+        InfluxQL(F.bucket, query),
+        interval="1m",  # the replay's resolution
     )
 
 
@@ -64,15 +60,11 @@ def net_flow() -> timeseries.Panel:
         f'AND "station_id" =~ {regex("station")} AND $timeFilter '
         "GROUP BY time($__interval) fill(0)"
     )
-    return (
-        panel(
-            timeseries.Panel,
-            "Net flow at ${station} (docks - undocks)",
-            grid(10, 9, 14, 12),
-            InfluxQL(F.bucket, query),
-        )
-        .interval("1m")
-        .legend(legend())
+    return series(
+        "Net flow at ${station} (docks - undocks)",
+        grid(10, 9, 14, 12),
+        InfluxQL(F.bucket, query),
+        interval="1m",
     )
 
 

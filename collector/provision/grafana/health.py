@@ -14,8 +14,7 @@ from collector.provision.grafana.common import (
     InfluxQL,
     dashboard,
     grid,
-    legend,
-    panel,
+    series,
     thresholds,
 )
 from collector.settings import GrafanaSettings
@@ -50,15 +49,11 @@ def increase(where: str, by: tuple[str, ...]) -> str:
 
 def _rate_panel(title: str, grid_pos: object, where: str, by: tuple[str, ...]) -> timeseries.Panel:
     alias = " ".join(f"$tag_{tag}" for tag in by)
-    return (
-        panel(
-            timeseries.Panel,
-            title,
-            grid_pos,
-            InfluxQL(EVENTS.bucket, increase(where, by), alias=alias),
-        )
-        .interval("10s")  # the telemetry cadence: no finer interval holds a point
-        .legend(legend())
+    return series(
+        title,
+        grid_pos,
+        InfluxQL(EVENTS.bucket, increase(where, by), alias=alias),
+        interval="10s",  # the telemetry cadence: no finer interval holds a point
     )
 
 
@@ -96,17 +91,12 @@ def write_latency() -> timeseries.Panel:
         'SELECT max("latency_ms_max") AS "max", mean("latency_ms_mean") AS "mean" '
         f'FROM "{WRITES.name}" WHERE $timeFilter GROUP BY time($__interval), "bucket" fill(none)'
     )
-    return (
-        panel(
-            timeseries.Panel,
-            "Write latency",
-            grid(0, 16, 12, 8),
-            InfluxQL(WRITES.bucket, query, alias="$tag_bucket $col"),
-        )
-        .unit("ms")
-        .interval("10s")
-        .legend(legend())
-    )
+    return series(
+        "Write latency",
+        grid(0, 16, 12, 8),
+        InfluxQL(WRITES.bucket, query, alias="$tag_bucket $col"),
+        interval="10s",
+    ).unit("ms")
 
 
 def feed_age(settings: GrafanaSettings) -> timeseries.Panel:
@@ -115,17 +105,15 @@ def feed_age(settings: GrafanaSettings) -> timeseries.Panel:
         'GROUP BY time($__interval), "system" fill(none)'
     )
     return (
-        panel(
-            timeseries.Panel,
+        series(
             "Feed age per system",
             grid(12, 16, 12, 8),
             InfluxQL(FEED.bucket, query, alias="$tag_system"),
+            interval="10s",
         )
         .unit("s")
-        .interval("10s")
         .thresholds(thresholds((None, "green"), (settings.feed_stale_secs, "red")))
         .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.LINE))
-        .legend(legend())
     )
 
 
@@ -135,11 +123,7 @@ def spool() -> timeseries.Panel:
         f'last("dropped_lines") AS "dropped" FROM "{SPOOL.name}" WHERE $timeFilter '
         "GROUP BY time($__interval) fill(none)"
     )
-    return (
-        panel(timeseries.Panel, "Spool", grid(0, 24, 24, 8), InfluxQL(SPOOL.bucket, query))
-        .interval("10s")
-        .legend(legend())
-    )
+    return series("Spool", grid(0, 24, 24, 8), InfluxQL(SPOOL.bucket, query), interval="10s")
 
 
 def build(settings: GrafanaSettings) -> db.Dashboard:

@@ -15,9 +15,9 @@ from collector.provision.grafana.common import (
     InfluxQL,
     dashboard,
     grid,
-    legend,
     panel,
     regex,
+    series,
     tag_variable,
 )
 from collector.settings import GrafanaSettings
@@ -35,15 +35,11 @@ def raw_counts() -> timeseries.Panel:
         f'last("docks_available") AS "free docks" FROM "{S.name}" WHERE {STATION} '
         "AND $timeFilter GROUP BY time($__interval) fill(none)"
     )
-    return (
-        panel(
-            timeseries.Panel,
-            "Bikes, e-bikes and free docks (raw, kept 30 days)",
-            grid(0, 0, 24, 9),
-            InfluxQL(S.bucket, query),
-        )
-        .interval("1m")
-        .legend(legend())
+    return series(
+        "Bikes, e-bikes and free docks (raw, kept 30 days)",
+        grid(0, 0, 24, 9),
+        InfluxQL(S.bucket, query),
+        interval="1m",
     )
 
 
@@ -53,15 +49,11 @@ def hourly() -> timeseries.Panel:
         f'max("bikes_available_max") AS "max" FROM "{STATION_STATUS_1H.name}" WHERE {STATION} '
         "AND $timeFilter GROUP BY time($__interval) fill(none)"
     )
-    return (
-        panel(
-            timeseries.Panel,
-            "Hourly mean, min, max (kept 2 years)",
-            grid(0, 9, 24, 9),
-            InfluxQL(BIKES_1H_BUCKET, query),
-        )
-        .interval("1h")
-        .legend(legend())
+    return series(
+        "Hourly mean, min, max (kept 2 years)",
+        grid(0, 9, 24, 9),
+        InfluxQL(BIKES_1H_BUCKET, query),
+        interval="1h",
     )
 
 

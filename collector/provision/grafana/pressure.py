@@ -18,6 +18,7 @@ from collector.provision.grafana.common import (
     legend,
     panel,
     regex,
+    series,
     tag_variable,
     thresholds,
 )
@@ -122,17 +123,12 @@ def per_minute_history() -> timeseries.Panel:
         f'SELECT mean("value_mean") FROM "{PRESSURE_1M.name}" WHERE {PATIENT} AND $timeFilter '
         'GROUP BY time($__interval), "sensor" fill(none)'
     )
-    return (
-        panel(
-            timeseries.Panel,
-            "Per-minute mean, last 7 days (kept 90 days)",
-            grid(16, 9, 8, 8),
-            InfluxQL(PRESSURE_1M_BUCKET, query, alias="$tag_sensor"),
-        )
-        .time_from("7d")
-        .interval("1m")
-        .legend(legend())
-    )
+    return series(
+        "Per-minute mean, last 7 days (kept 90 days)",
+        grid(16, 9, 8, 8),
+        InfluxQL(PRESSURE_1M_BUCKET, query, alias="$tag_sensor"),
+        interval="1m",
+    ).time_from("7d")
 
 
 def build() -> db.Dashboard:
