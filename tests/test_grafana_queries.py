@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -248,6 +249,9 @@ def _variables(filled: Filled, name: str) -> dict[str, str | list[str]]:
     picked = _range(filled, name)
     values: dict[str, str | list[str]] = {}
     for variable in dash["templating"].get("list", []):
+        if variable["type"] == "textbox":
+            values[variable["name"]] = variable["query"]  # its default value
+            continue
         if variable["type"] == "custom":
             # "Text : value, ...": the first value, as Grafana selects it by default
             values[variable["name"]] = variable["query"].split(",")[0].split(" : ")[1].strip()
@@ -257,7 +261,8 @@ def _variables(filled: Filled, name: str) -> dict[str, str | list[str]]:
         found_frames = frames(execute(filled.influxd.url, db, query), "time_series", query)
         assert len(found_frames) == 1, f"{name}: variable {variable['name']}: {query}"
         (frame,) = found_frames
-        found = sorted(frame.fields["Value"])
+        # response_parser.ts (metricFindQuery): a SELECT's values are its second column
+        found = sorted(str(v) for v in frame.fields["Value"])
         assert found, f"{name}: variable {variable['name']} has no value"
         preferred = [v for v in PREFERRED.get(variable["name"], ()) if v in found]
         values[variable["name"]] = (preferred or found)[0]
@@ -649,3 +654,43 @@ def test_health_rates_show_first_occurrences_restarts_and_drained_points(
     assert totals["Points written (drained from the spool included)"] == {
         (("source", "bikes"),): 47
     }
+
+
+def _great_circle_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    # The haversine formula on a sphere of the Earth's mean radius, computed here in Python.
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * 6_371_000 * math.asin(math.sqrt(a))
+
+
+def test_nearby_stations_are_those_within_the_radius_nearest_first(filled: Filled) -> None:
+    name = "dashboards/livestack/station-history.json"
+    dashboard = json.loads(FILES[name])
+    variables = _variables(filled, name)
+    assert variables["radius_m"] == "500"
+    info = json.loads((FIXTURES / SYSTEMS["velib"] / "station_information.json").read_text())
+    places = {str(s["station_id"]): (s["lat"], s["lon"]) for s in info["data"]["stations"]}
+    here = places[str(variables["station"])]
+    expected = sorted(
+        (round(_great_circle_m(*here, *there), 3), station)
+        for station, there in places.items()
+        if _great_circle_m(*here, *there) <= 500
+    )
+    assert len(expected) > 1, "a station with neighbours, or this proves little"
+    for kind in ("table", "geomap"):
+        panel = next(p for p in dashboard["panels"] if p["type"] == kind and "within" in p["title"])
+        (frame,) = _run(filled, name, panel["targets"][0], panel)
+        rows = sorted(
+            (round(d, 3), s)
+            for d, s in zip(frame.fields["distance_m"], frame.fields["station_id"], strict=True)
+        )
+        assert [s for _, s in rows] == [s for _, s in expected], kind
+        assert [d for d, _ in rows] == pytest.approx([d for d, _ in expected], abs=0.01)
+    # The table is sorted by Grafana (sortBy distance_m), InfluxQL returns series by tag.
+    table_panel = next(
+        p for p in dashboard["panels"] if p["type"] == "table" and "within" in p["title"]
+    )
+    assert table_panel["transformations"] == [
+        {"id": "sortBy", "options": {"sort": [{"field": "distance_m", "desc": False}]}}
+    ]

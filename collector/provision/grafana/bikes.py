@@ -3,20 +3,14 @@ time. "Now" is the end of the picked range, so the same dashboard shows any past
 
 from __future__ import annotations
 
-from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import geomap, table, timeseries
-from grafana_foundation_sdk.models import common as cm
-from grafana_foundation_sdk.models import dashboard as dm
-from grafana_foundation_sdk.models import geomap as geomap_model
 
 from collector.contract import BIKES_1H_BUCKET, STATION_STATUS, STATION_STATUS_1H
 from collector.provision.grafana.common import (
-    AVAILABILITY,
     LATEST_WINDOW,
     TO_SECS,
     UID_BIKES,
-    UID_HISTORY,
     InfluxQL,
     count_stat,
     dashboard,
@@ -26,6 +20,7 @@ from collector.provision.grafana.common import (
     series,
     tag_variable,
 )
+from collector.provision.grafana.stations import STATION_NOW, colour_by, station_geomap
 
 S = STATION_STATUS
 SYSTEM = f'"system" =~ {regex("system")}'
@@ -97,54 +92,13 @@ def not_reporting() -> InfluxQL:
 
 def station_map() -> geomap.Panel:
     query = (
-        'SELECT last("lat") AS "lat", last("lon") AS "lon", last("${colour_by}") AS "colour", '
-        'last("name") AS "name", last("bikes_available") AS "bikes", '
-        'last("ebikes_available") AS "ebikes", last("docks_available") AS "docks", '
-        f'{TO_SECS} - last("last_reported") AS "report_age_s" '
-        f'FROM "{S.name}" WHERE {SYSTEM} AND {LATEST_WINDOW} GROUP BY "station_id"'
+        f'SELECT {STATION_NOW} FROM "{S.name}" WHERE {SYSTEM} AND {LATEST_WINDOW} '
+        'GROUP BY "station_id"'
     )
-    markers = (
-        cb.MapLayerOptions()
-        .type("markers")
-        .name("Stations")
-        .location(
-            cb.FrameGeometrySource()
-            .mode(cm.FrameGeometrySourceMode.COORDS)
-            .latitude("lat")
-            .longitude("lon")
-        )
-        .config(
-            {
-                "showLegend": True,
-                "style": {
-                    "color": {"field": "colour", "fixed": "dark-green"},
-                    "opacity": 0.85,
-                    "size": {"fixed": 7},
-                    "symbol": {"fixed": "img/icons/marker/circle.svg", "mode": "fixed"},
-                },
-            }
-        )
-        .tooltip(True)
-    )
-    station_link = db.DashboardLink("Station history").url(
-        f"/d/{UID_HISTORY}?var-system=${{system}}&var-station=${{__data.fields.station_id}}"
-    )
-    return (
-        panel(
-            geomap.Panel,
-            "Stations now: ${system}",
-            grid(0, 4, 16, 18),
-            InfluxQL(S.bucket, query, result_format="table"),
-        )
-        .description("Colour: red none, orange 1-3, green more than 3 (bikes, or free docks).")
-        .thresholds(AVAILABILITY)
-        .color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS))
-        .view(geomap.MapViewConfig().id("fit").zoom(12))
-        .basemap(cb.MapLayerOptions().type("osm-standard").name("Basemap"))
-        .layers([markers])
-        .tooltip(geomap.TooltipOptions().mode(geomap_model.TooltipMode.DETAILS))
-        .data_links([station_link])
-        .override_by_name("report_age_s", [dm.DynamicConfigValue(id_val="unit", value="s")])
+    return station_geomap(
+        "Stations now: ${system}",
+        grid(0, 4, 16, 18),
+        InfluxQL(S.bucket, query, result_format="table"),
     )
 
 
@@ -196,11 +150,7 @@ def build() -> db.Dashboard:
     return (
         dashboard(UID_BIKES, "Bike stations, live", "30s", "now-6h", ["bikes"])
         .with_variable(tag_variable("system", "System", S.bucket, S.name, "system"))
-        .with_variable(
-            db.CustomVariable("colour_by")
-            .label("Colour by")
-            .values("Bikes : bikes_available, Free docks : docks_available")
-        )
+        .with_variable(colour_by())
         .with_panel(count_stat("Bikes available", grid(0, 0, 6, 4), bikes_available()))
         .with_panel(count_stat("Empty stations", grid(6, 0, 6, 4), empty_stations()))
         .with_panel(count_stat("Full stations", grid(12, 0, 6, 4), full_stations()))

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from grafana_foundation_sdk.builders import barchart, timeseries
+from grafana_foundation_sdk.builders import barchart, table, timeseries
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.models import dashboard as dm
 
 from collector.contract import BIKES_1H_BUCKET, STATION_STATUS, STATION_STATUS_1H
 from collector.provision.grafana.common import (
+    LATEST_WINDOW,
     UID_HISTORY,
     InfluxQL,
     dashboard,
+    datasource,
     grid,
     panel,
     regex,
     series,
     tag_variable,
+)
+from collector.provision.grafana.stations import (
+    STATION_NOW,
+    STATION_NOW_COLUMNS,
+    colour_by,
+    station_geomap,
 )
 from collector.settings import GrafanaSettings
 
@@ -100,6 +108,68 @@ def week_profile(timezone: str) -> barchart.Panel:
     return built
 
 
+EARTH_DIAMETER_M = 12_742_000
+RADIANS = 0.017453292519943295  # pi / 180
+
+
+def _distance_m(lat: str, lon: str) -> str:
+    """Great-circle (haversine) distance in metres from the chosen station (``lat0``,
+    ``lon0``, themselves variables read from its newest point) to ``lat``, ``lon``."""
+    return (
+        f"{EARTH_DIAMETER_M} * asin(sqrt(pow(sin(({lat} - ${{lat0}}) * {RADIANS} / 2), 2) + "
+        f"cos(${{lat0}} * {RADIANS}) * cos({lat} * {RADIANS}) * "
+        f"pow(sin(({lon} - ${{lon0}}) * {RADIANS} / 2), 2)))"
+    )
+
+
+def nearby_query() -> InfluxQL:
+    distance = _distance_m('last("lat")', 'last("lon")')
+    stations = (
+        f'SELECT {STATION_NOW}, {distance} AS "distance_m" FROM "{S.name}" '
+        f'WHERE "system" =~ {regex("system")} AND {LATEST_WINDOW} GROUP BY "station_id"'
+    )
+    columns = ", ".join(f'"{c}"' for c in ("distance_m", *STATION_NOW_COLUMNS))
+    query = (
+        f'SELECT {columns} FROM ({stations}) WHERE "distance_m" <= ${{radius_m}} '
+        'GROUP BY "station_id"'
+    )
+    return InfluxQL(S.bucket, query, result_format="table")
+
+
+def nearby_map() -> Any:
+    return station_geomap("Stations within ${radius_m} m", grid(0, 27, 10, 10), nearby_query())
+
+
+def nearby_table() -> table.Panel:
+    # Nearest first: InfluxQL orders by time only, Grafana sorts.
+    return (
+        panel(
+            table.Panel,
+            "Stations within ${radius_m} m, nearest first",
+            grid(10, 27, 14, 10),
+            nearby_query(),
+        )
+        .with_transformation(
+            dm.DataTransformerConfig(
+                id_val="sortBy", options={"sort": [{"field": "distance_m", "desc": False}]}
+            )
+        )
+        .override_by_name("distance_m", [dm.DynamicConfigValue(id_val="unit", value="lengthm")])
+        .override_by_name("report_age_s", [dm.DynamicConfigValue(id_val="unit", value="s")])
+    )
+
+
+def _station_coordinate(name: str, field: str) -> db.QueryVariable:
+    query = f'SELECT last("{field}") FROM "{S.name}" WHERE {STATION} AND {LATEST_WINDOW}'
+    return (
+        db.QueryVariable(name)
+        .datasource(datasource(S.bucket))
+        .query(query)
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .hide(dm.VariableHide.HIDE_VARIABLE)
+    )
+
+
 def build(settings: GrafanaSettings) -> db.Dashboard:
     return (
         dashboard(UID_HISTORY, "Station history", "1m", "now-7d", ["bikes"])
@@ -114,7 +184,13 @@ def build(settings: GrafanaSettings) -> db.Dashboard:
                 f'"system" =~ {regex("system")}',
             )
         )
+        .with_variable(_station_coordinate("lat0", "lat"))
+        .with_variable(_station_coordinate("lon0", "lon"))
+        .with_variable(db.TextBoxVariable("radius_m").label("Radius (m)").default_value("500"))
+        .with_variable(colour_by())
         .with_panel(raw_counts())
         .with_panel(hourly())
         .with_panel(week_profile(settings.timezone))
+        .with_panel(nearby_map())
+        .with_panel(nearby_table())
     )
