@@ -192,9 +192,14 @@ class Collector:
             ((("result", result), ("source", source), ("stage", stage)), (count,), stamp)
             for (source, stage, result), count in sorted(counts.items())
         ]
+        # A feed with no data since start is at least as old as this run: its age is written
+        # (and grows) all the same, or alerting would resolve a dead feed as missing.
+        unheard = (self.counters.started_secs, 0)
         feeds = [
             ((("system", system),), (round(now - feed_time, 3), stations), stamp)
-            for system, (feed_time, stations) in sorted(self._feeds.items())
+            for system, (feed_time, stations) in sorted(
+                ({s.name: unheard for s in self.systems} | self._feeds).items()
+            )
         ]
         drain = getattr(self.sink, "drain_latencies", None)
         latencies = drain() if callable(drain) else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 
@@ -13,7 +14,10 @@ class Counters:
     ``collector.retry.ErrorKind`` or a data-quality kind, so the key space stays small.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, started_secs: float | None = None) -> None:
+        # When counting began (epoch seconds): the collector's start, for whatever has not
+        # happened since (a feed that never answered is at least this old).
+        self.started_secs = time.time() if started_secs is None else started_secs
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str, str]] = Counter()
         self._reported: set[tuple[str, str, str]] = set()
