@@ -4,8 +4,10 @@
   ``time >= {from}ms and time <= {to}ms`` (``renderTimeFilter``), ``$interval`` and
   ``$__interval`` -> ``gtime.FormatInterval(query.Interval)``, ``$__interval_ms``.
 - Template variables (frontend ``public/app/plugins/datasource/influxdb/datasource.ts``
-  ``interpolateQueryExpr``): values regex-escaped, several joined as ``(a|b)``;
-  ``${__to:date:seconds}`` is the range's end in epoch seconds.
+  ``interpolateQueryExpr``, behaviour pinned by its ``datasource.test.ts`` "interpolateQueryExpr"
+  cases): a single value is inserted as it is, regex-escaped only inside ``/.../``; several
+  values are always escaped and joined as ``(a|b)``; ``${__to:date:seconds}`` is the range's
+  end in epoch seconds.
 - Frames: ``pkg/tsdb/influxdb/influxql/buffered/response_parser.go``:
   ``transformRowsForTimeSeries`` makes one frame per series and value column (``Time`` plus
   ``Value`` labelled with the series' tags); ``transformRowsForTable`` one frame for all
@@ -110,17 +112,16 @@ class Context:
 
 def interpolate(query: str, ctx: Context) -> str:
     query = query.replace("${__to:date:seconds}", str(ctx.to_ms // 1000))
-    for name, value in ctx.variables.items():
-        values = value if isinstance(value, list) else [value]
-        regex_form = values[0] if len(values) == 1 else "(" + "|".join(values) + ")"
-        escaped = (
-            escape_regex(values[0])
-            if len(values) == 1
-            else "(" + "|".join(escape_regex(v) for v in values) + ")"
-        )
-        query = query.replace(f"/^${{{name}}}$/", f"/^{escaped}$/")
-        query = query.replace(f"/^${name}$/", f"/^{escaped}$/")
-        query = query.replace(f"${{{name}}}", regex_form).replace(f"${name}", regex_form)
+    # Longest names first: $lat0 must not be taken for $lat followed by "0".
+    for name, value in sorted(ctx.variables.items(), key=lambda item: -len(item[0])):
+        if isinstance(value, list) and len(value) > 1:
+            text = "(" + "|".join(escape_regex(v) for v in value) + ")"
+            in_regex = text
+        else:
+            text = value[0] if isinstance(value, list) else value
+            in_regex = escape_regex(text)
+        for form in (f"${{{name}}}", f"${name}"):
+            query = query.replace(f"/^{form}$/", f"/^{in_regex}$/").replace(form, text)
     query = query.replace("$timeFilter", f"time >= {ctx.from_ms}ms and time <= {ctx.to_ms}ms")
     query = query.replace("$interval", ctx.interval).replace("$__interval", ctx.interval)
     assert "$" not in query.replace("$/", ""), f"macro left in: {query}"

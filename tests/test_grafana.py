@@ -16,6 +16,7 @@ from collector.contract import BUCKETS, DOWNSAMPLES, MEASUREMENTS
 from collector.provision import grafana
 from collector.settings import Settings
 from tests.flux import assert_valid
+from tests.grafana_model import Context, interpolate
 from tests.support import ROOT, InfluxD, run_cli
 
 TREE = ROOT / "grafana" / "provisioning"
@@ -150,3 +151,16 @@ def test_readme_influxql_examples_run(influxd: InfluxD) -> None:
         influxd.query(f'CREATE DATABASE "{bucket}"')
     for block in blocks:
         influxd.query(" ".join(block.split()), "bikes")  # raises on an InfluxQL error
+
+
+def test_grafana_model_interpolates_as_grafanas_own_tests_say() -> None:
+    # Cases of public/app/plugins/datasource/influxdb/datasource.test.ts "interpolateQueryExpr".
+    ctx = Context(0, 60_000, {"path": "/special/path", "n": "12.2", "multi": ["a.b", "c"]})
+    assert interpolate("WHERE p =~ /^${path}$/", ctx) == r"WHERE p =~ /^\/special\/path$/"
+    assert interpolate("WHERE p = '${path}'", ctx) == "WHERE p = '/special/path'"
+    assert interpolate("SELECT v / $n", ctx) == "SELECT v / 12.2"
+    assert interpolate("WHERE m =~ /^${multi}$/", ctx) == r"WHERE m =~ /^(a\.b|c)$/"
+    # query.go Build: $timeFilter in milliseconds, $__interval from the range and width.
+    assert interpolate("$timeFilter GROUP BY time($__interval)", ctx) == (
+        "time >= 0ms and time <= 60000ms GROUP BY time(50ms)"
+    )
