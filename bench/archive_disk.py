@@ -11,6 +11,9 @@ then SIGTERM. The archive files are measured and extrapolated to a day:
   (station_status polls) is scaled to the polls of an hour. A day is 24 such hours (the
   one-time gbfs.json is left out).
 
+Then the archive is replayed (``collector replay archive``) into a real InfluxDB 1.x (Debian's
+influxd, started here on a free port): wall time of the command, points written per second.
+
 Run: python bench/archive_disk.py [--secs 300]
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collector.archive import Reader, list_files
-from tests.support import free_port, wait_for
+from tests.support import InfluxD, free_port, wait_for
 
 CLI = [sys.executable, "-m", "collector.cli"]
 
@@ -73,6 +77,7 @@ def main() -> None:
                 sim.terminate()
                 sim.wait()
         report(work / "archive", elapsed)
+        replay(work)
 
 
 def _up(requests: object, port: int) -> bool:
@@ -111,6 +116,31 @@ def report(directory: Path, elapsed: float) -> None:
         f"{pressure_bytes / readings:.0f} bytes archived each"
     )
     print(f"  per patient per day: {pressure_day / 1024**2:.1f} MiB (extrapolated)")
+
+
+def replay(work: Path) -> None:
+    server = InfluxD(work / "influxd")
+    (work / "influxd").mkdir()
+    server.start()
+    try:
+        config = work / "replay.toml"
+        config.write_text(f'[influxdb]\nurl = "{server.url}"\napi = "v1"\n')
+        subprocess.run([*CLI, "setup", "--config", str(config)], check=True, capture_output=True)
+        started = time.monotonic()
+        done = subprocess.run(
+            [*CLI, "replay", "archive", str(work / "archive"), "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        secs = time.monotonic() - started
+    finally:
+        server.stop()
+    written = int(re.search(r"written=(\d+)", done.stderr)[1])  # type: ignore[index]
+    print(
+        f"replay into InfluxDB 1.x: {written} points in {secs:.1f} s "
+        f"(start-up included): {written / secs:,.0f} points/s"
+    )
 
 
 if __name__ == "__main__":
