@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import re
 import threading
 import time
@@ -113,7 +114,7 @@ class Archive:
         self._logged: set[tuple[str, str]] = set()
         try:
             for kind in KINDS:
-                (directory / kind).mkdir(parents=True, exist_ok=True)
+                (directory / kind).mkdir(mode=0o700, parents=True, exist_ok=True)
             probe = directory / ".write-test"
             probe.write_bytes(b"")
             probe.unlink()
@@ -194,12 +195,14 @@ class Archive:
             return current
         self._close(key)
         folder = self.directory / key[0] / key[1]
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         part = 0
         while True:
             path = folder / _hour_name(hour, part)
             try:
-                raw = path.open("xb")
+                # Owner only: responses may hold what the operator chose to keep (names, with
+                # store_personal_data) and what a feed says only to its paying clients.
+                raw = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
                 break
             except FileExistsError:  # a restart within the hour: never append to a closed file
                 part += 1

@@ -282,6 +282,8 @@ def test_a_restart_within_the_hour_starts_a_new_file_and_replay_reads_both(
         archive.close()
     files = list_files(tmp_path)
     assert [e.path.name for e in files] == ["2026-12-01T10Z.raw.gz", "2026-12-01T10Z-1.raw.gz"]
+    assert all(e.path.stat().st_mode & 0o077 == 0 for e in files)  # the owner's only
+    assert (tmp_path / "gbfs" / "oslo").stat().st_mode & 0o077 == 0
     assert [r.body for e in files for r in Reader(e.path)] == [b"0", b"1"]
 
 
