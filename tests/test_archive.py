@@ -10,12 +10,14 @@ import gzip
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 import pytest
@@ -496,3 +498,45 @@ def test_a_system_with_no_archive_files_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "no archive files of system 'olso'" in result.stderr
+
+
+def _influx_that_refuses_writes(feeds: FeedServer) -> None:
+    """A 1.x that answers the retention pre-flight (everything kept forever) and 503 to every
+    write: a database going down as the replay starts."""
+    databases = [[STATION_STATUS.bucket], [PRESSURE.bucket], [ANOMALY.bucket]]
+    policy = ["autogen", "0s", "168h0m0s", 1, True]
+
+    def query(request: Any) -> Reply:
+        q = parse_qs(request.body.decode())["q"][0]
+        if q.startswith("SHOW DATABASES"):
+            series = {"name": "databases", "columns": ["name"], "values": databases}
+        else:
+            columns = ["name", "duration", "shardGroupDuration", "replicaN", "default"]
+            series = {"columns": columns, "values": [policy]}
+        return Reply(200, json.dumps({"results": [{"series": [series]}]}).encode())
+
+    feeds.routes["/query"] = query
+    feeds.routes["/ping"] = Reply(204)
+    feeds.routes["/write"] = Reply(503, b'{"error": "shutting down"}')
+
+
+def test_replay_takes_the_live_sink_path_and_spools_what_the_database_cannot_take(
+    tmp_path: Path, feeds: FeedServer, own_state_dir: Path
+) -> None:
+    directory = tmp_path / "archive"
+    archive = Archive(directory, retention_days=30, max_bytes=10**9, clock=lambda: T0)
+    for n in range(3):
+        stamp = T0 + 15 * n
+        archive.record("gbfs", "oslo", "station_status", "http://x/s", stamp, _status(stamp, n))
+    archive.close()
+    _influx_that_refuses_writes(feeds)
+    config = tmp_path / "collector.toml"
+    config.write_text(f'[influxdb]\nurl = "{feeds.url}"\napi = "v1"\nmax_retries = 0\n')
+
+    result = run_cli("replay", "archive", str(directory), config=config)
+    assert result.returncode == 0, result.stderr
+    assert "spooled=3" in result.stderr
+    spool = own_state_dir / "livestack-collector" / "spool" / "spool.sqlite"
+    with sqlite3.connect(spool) as db:
+        ((lines,),) = db.execute("SELECT SUM(lines) FROM batches").fetchall()
+    assert lines == 3  # a collector started later drains them, as it drains its own
