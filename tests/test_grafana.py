@@ -10,13 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from collector.contract import BUCKETS, DOWNSAMPLES, MEASUREMENTS
 from collector.provision import grafana
 from collector.settings import Settings
 from tests.flux import assert_valid
-from tests.grafana_model import Context, interpolate
+from tests.grafana_model import NO_DATA, Context, LongFrameError, alert_series, frames, interpolate
 from tests.support import ROOT, InfluxD, run_cli
 
 TREE = ROOT / "grafana" / "provisioning"
@@ -164,3 +165,32 @@ def test_grafana_model_interpolates_as_grafanas_own_tests_say() -> None:
     assert interpolate("$timeFilter GROUP BY time($__interval)", ctx) == (
         "time >= 0ms and time <= 60000ms GROUP BY time(50ms)"
     )
+
+
+def test_grafana_model_rejects_what_alerting_rejects() -> None:
+    # The old "Pressure anomaly" shape: string columns beside the value make a long frame.
+    result = {
+        "series": [
+            {
+                "name": "anomaly",
+                "columns": ["time", "value", "sensor"],
+                "values": [[1000, 700, "L0"], [2000, 800, "L1"]],
+            }
+        ]
+    }
+    (frame,) = frames(result, "table")
+    assert frame.kind == "long"
+    with pytest.raises(LongFrameError, match="wide series but got type long"):
+        alert_series([frame])
+    # time_series: one wide frame per series and column, the tags as labels.
+    tagged = {
+        "series": [
+            {"name": "m", "tags": {"system": s}, "columns": ["time", "v"], "values": [[0, n]]}
+            for s, n in (("a", 1), ("b", 2))
+        ]
+    }
+    assert alert_series(frames(tagged, "time_series")) == {
+        (("system", "a"),): [1],
+        (("system", "b"),): [2],
+    }
+    assert alert_series(frames({}, "time_series")) == NO_DATA
