@@ -90,6 +90,11 @@ def _points(influxd: InfluxD) -> dict[str, list[tuple]]:
     return found
 
 
+def _assert_all_but_a_cut_last(kept: list[Any], served: list[Any]) -> None:
+    assert kept == served[: len(kept)]
+    assert len(served) - len(kept) <= 1
+
+
 @pytest.mark.influxdb
 def test_a_run_archives_every_response_and_replay_restores_its_points(
     tmp_path: Path, influxd: InfluxD
@@ -126,7 +131,8 @@ def test_a_run_archives_every_response_and_replay_restores_its_points(
             what="4 status polls and 30 readings",
         )
 
-    # Every response is in the archive, in order; pressure bodies without personal data.
+    # Every response is in the archive, in order; pressure bodies without personal data. The
+    # shutdown cuts a fetch in flight: a response served at that moment never arrived.
     archived = _archived(archive_dir)
     gbfs_records = archived[("gbfs", "simcity")]
     for feed, path in (
@@ -136,12 +142,12 @@ def test_a_run_archives_every_response_and_replay_restores_its_points(
         ("station_status", "/station_status.json"),
     ):
         bodies = [r.body for r in gbfs_records if r.feed == feed]
-        assert bodies == gbfs_sim.bodies(path), feed
+        _assert_all_but_a_cut_last(bodies, gbfs_sim.bodies(path))
         assert all(r.url == f"{gbfs_url}{path}" for r in gbfs_records if r.feed == feed)
     for patient in (1, 2):
         served = [body for p, body in pressure_sim.served if p == patient]
         kept = [orjson.loads(r.body) for r in archived[("pressure", f"patient-{patient}")]]
-        assert kept == [{"id": body["id"], "trace": body["trace"]} for body in served]
+        _assert_all_but_a_cut_last(kept, [{"id": b["id"], "trace": b["trace"]} for b in served])
     raw = b"".join(gzip.decompress(e.path.read_bytes()) for e in list_files(archive_dir))
     for person in pressure_sim.models[1].patient, pressure_sim.models[2].patient:
         assert person.lastname.encode() not in raw
@@ -149,7 +155,8 @@ def test_a_run_archives_every_response_and_replay_restores_its_points(
 
     before = _points(influxd)
     assert len(before[STATION_STATUS.name]) >= 2 * 40
-    assert len(before[PRESSURE.name]) == 6 * len(pressure_sim.served)
+    readings = sum(len(archived[("pressure", f"patient-{p}")]) for p in (1, 2))
+    assert len(before[PRESSURE.name]) == 6 * readings  # every archived reading was written
     assert before[ANOMALY.name], "no anomaly was served: the anomaly check proved nothing"
 
     for db in (STATION_STATUS.bucket, PRESSURE.bucket, ANOMALY.bucket):
