@@ -48,8 +48,8 @@ from collector.telemetry import Counters
 log = logging.getLogger(__name__)
 
 Kind = Literal["gbfs", "pressure"]
-KINDS: tuple[Kind, ...] = ("gbfs", "pressure")
-SUFFIX = ".raw.gz"
+_KINDS: tuple[Kind, ...] = ("gbfs", "pressure")
+_SUFFIX = ".raw.gz"
 _NAME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d)Z(?:-(\d+))?\.raw\.gz$")
 # A URL (JSON may escape its slashes) carrying credentials or a query string or fragment.
 _SECRET_URL = re.compile(
@@ -65,14 +65,14 @@ def _scrub(match: re.Match[bytes]) -> bytes:
     return match["scheme"] + match["rest"]
 
 
-def scrub_urls(body: bytes) -> bytes:
+def _scrub_urls(body: bytes) -> bytes:
     """``body`` with every URL's query string, fragment and credentials removed."""
     return _SECRET_URL.sub(_scrub, body)
 
 
 def _hour_name(hour: int, part: int) -> str:
     stamp = datetime.fromtimestamp(hour, UTC).strftime("%Y-%m-%dT%H")
-    return f"{stamp}Z{'' if part == 0 else f'-{part}'}{SUFFIX}"
+    return f"{stamp}Z{'' if part == 0 else f'-{part}'}{_SUFFIX}"
 
 
 # ------------------------------------------------------------------------------- writing
@@ -113,7 +113,7 @@ class Archive:
         self._total = 0
         self._logged: set[tuple[str, str]] = set()
         try:
-            for kind in KINDS:
+            for kind in _KINDS:
                 (directory / kind).mkdir(mode=0o700, parents=True, exist_ok=True)
             probe = directory / ".write-test"
             probe.write_bytes(b"")
@@ -151,7 +151,7 @@ class Archive:
                 "not a JSON object, so personal data could not be removed: not archived",
             )
             return
-        body = scrub_urls(body)
+        body = _scrub_urls(body)
         header = orjson.dumps(
             {"fetched_at": fetched_at, "feed": feed, "url": redact_url(url), "bytes": len(body)}
         )
@@ -332,7 +332,7 @@ class Record:
 def _parse_path(path: Path) -> ArchiveFile | None:
     match = _NAME.match(path.name)
     kind = path.parent.parent.name
-    if match is None or kind not in KINDS:
+    if match is None or kind not in _KINDS:
         return None
     hour = int(datetime.strptime(match[1], "%Y-%m-%dT%H").replace(tzinfo=UTC).timestamp())
     return ArchiveFile(path, kind, path.parent.name, hour, int(match[2] or 0))  # type: ignore[arg-type]
@@ -342,8 +342,8 @@ def list_files(directory: Path) -> list[ArchiveFile]:
     """Every archive file under ``directory``, oldest first (other files are ignored)."""
     found = [
         entry
-        for kind in KINDS
-        for path in (directory / kind).glob(f"*/*{SUFFIX}")
+        for kind in _KINDS
+        for path in (directory / kind).glob(f"*/*{_SUFFIX}")
         if (entry := _parse_path(path)) is not None
     ]
     return sorted(found, key=lambda e: (e.kind, e.source, e.hour, e.part))
@@ -424,8 +424,8 @@ class Reader:
 
 # station_information is fetched at least daily (info_refresh_secs <= 86,400): a replay that
 # starts at --from reads the day before it for the station facts, without writing it.
-CATALOG_LOOKBACK_SECS = 25 * 3600
-BATCH_LINES = 5000
+_CATALOG_LOOKBACK_SECS = 25 * 3600
+_BATCH_LINES = 5000
 
 
 @dataclass
@@ -464,7 +464,7 @@ def select(
     for entry in list_files(directory):
         if system is not None and (entry.kind != "gbfs" or entry.source != system):
             continue
-        first = low - CATALOG_LOOKBACK_SECS if entry.kind == "gbfs" else low
+        first = low - _CATALOG_LOOKBACK_SECS if entry.kind == "gbfs" else low
         if entry.hour + 3600 > first and entry.hour < high:
             chosen.append(entry)
     return Selection(chosen, low, high)
@@ -515,7 +515,7 @@ def verify(
 
 
 class _Batches:
-    """Lines per bucket, written BATCH_LINES at a time."""
+    """Lines per bucket, written _BATCH_LINES at a time."""
 
     def __init__(self, sink: Sink, outcome: ReplayOutcome) -> None:
         self._sink = sink
@@ -525,7 +525,7 @@ class _Batches:
     def add(self, bucket: str, precision: Precision, lines: list[str]) -> None:
         pending = self._pending.setdefault(bucket, (precision, []))[1]
         pending += lines
-        if len(pending) >= BATCH_LINES:
+        if len(pending) >= _BATCH_LINES:
             self._write(bucket)
 
     def flush(self) -> None:
