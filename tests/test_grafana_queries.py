@@ -439,8 +439,9 @@ def test_collector_silent_fires_when_it_stops(filled: Filled) -> None:
 def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
     influxd: InfluxD, tmp_path: Path, feeds: FeedServer
 ) -> None:
-    influxd.query('DROP DATABASE "collector"')
-    influxd.query('CREATE DATABASE "collector"')
+    db = "feed_stale"  # its own database: the module's collector metrics stay as filled
+    influxd.query(f'DROP DATABASE "{db}"')
+    influxd.query(f'CREATE DATABASE "{db}"')
     # Feed times must be plausible (not ahead of the real clock): the 8 pinned hours end now.
     start = int(time.time()) - 8 * 3600
     clock = {"now": start}
@@ -476,7 +477,7 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
     )
     collector = Collector(load(config), MemorySink(), counters=Counters(started_secs=start))
     encoder = Encoder(FEED)
-    model = RuleModel(RULES["livestack-feed-stale"], influxd.url, "collector")
+    model = RuleModel(RULES["livestack-feed-stale"], influxd.url, db)
     history = []
     restart = 240
     for minute in range(0, 8 * 60, 1):  # 8 hours, a poll and a report a minute
@@ -493,7 +494,7 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
         lines = encoder.lines(collector.telemetry_rows(clock["now"])["feed"])[0]
         requests.post(
             f"{influxd.url}/write",
-            params={"db": "collector", "precision": "s"},
+            params={"db": db, "precision": "s"},
             data="\n".join(lines),
             timeout=5,
         ).raise_for_status()
@@ -511,7 +512,7 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
     assert firing("alive") == firing("slow") == []
     ages = [
         row["age_secs"]
-        for row in influxd.query("SELECT age_secs FROM feed WHERE system = 'slow'", "collector")
+        for row in influxd.query("SELECT age_secs FROM feed WHERE system = 'slow'", db)
     ]
     assert (
         max(ages)
