@@ -154,10 +154,11 @@ def dashboard(uid: str, title: str, refresh: str, time_from: str, tags: list[str
 def tag_variable(
     name: str, label: str, bucket: str, measurement: str, tag: str, where: str = ""
 ) -> db.QueryVariable:
-    """Values of ``tag``; refreshed on time-range change so the picker drives them (InfluxDB
-    1.6 ignores a time condition in SHOW TAG VALUES, 1.7+ and 2.x honour it)."""
-    condition = f" WHERE {where}" if where else ""
-    query = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{tag}"{condition}'
+    """Values of ``tag`` in the picked range, refreshed when it changes: the picker drives the
+    variables too (InfluxDB 1.x narrows SHOW TAG VALUES by time to whole shards, 2.x and 3.x
+    to the range)."""
+    condition = f"{where} AND $timeFilter" if where else "$timeFilter"
+    query = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{tag}" WHERE {condition}'
     return (
         db.QueryVariable(name)
         .label(label)

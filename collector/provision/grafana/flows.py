@@ -71,12 +71,8 @@ def net_flow() -> timeseries.Panel:
 def build() -> db.Dashboard:
     return (
         dashboard(UID_FLOWS, "Trip flows", "30s", "now-7d", ["bikes", "trips"])
-        .with_variable(tag_variable("system", "System", F.bucket, F.name, "system", "$timeFilter"))
-        .with_variable(
-            tag_variable(
-                "station", "Station", F.bucket, F.name, "station_id", f"{SYSTEM} AND $timeFilter"
-            )
-        )
+        .with_variable(tag_variable("system", "System", F.bucket, F.name, "system"))
+        .with_variable(tag_variable("station", "Station", F.bucket, F.name, "station_id", SYSTEM))
         .with_panel(over_time())
         .with_panel(busiest())
         .with_panel(net_flow())
