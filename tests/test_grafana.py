@@ -93,6 +93,13 @@ def test_v1_datasources_carry_no_token_and_follow_renamed_databases(tmp_path: Pa
     assert all(
         "secureJsonData" not in s and "httpHeaderName1" not in s["jsonData"] for s in sources
     )
+    # 1.x with authentication: that user, the password read by Grafana from a file.
+    config.write_text('[influxdb]\napi = "v1"\nusername = "grafana"\n')
+    assert run_cli("dashboards", "--out", str(out), config=config).returncode == 0
+    sources = yaml.safe_load((out / "datasources" / "influxdb.yaml").read_text())["datasources"]
+    password = f"$__file{{{SETTINGS.grafana.reader_token_file}}}"
+    assert all(s["user"] == "grafana" for s in sources)
+    assert all(s["secureJsonData"] == {"password": password} for s in sources)
 
 
 def test_every_query_is_influxql_on_a_bucket_holding_what_it_reads() -> None:
