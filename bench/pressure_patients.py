@@ -27,9 +27,10 @@ import requests
 
 from collector import logs
 from collector.contract import Precision
-from collector.scheduler import Collector
+from collector.jobs import PatientJob
+from collector.scheduler import Scheduler
 from collector.settings import PressureSettings, Settings
-from collector.sinks.influxdb import WriteReport
+from collector.sinks.base import SinkMetrics, WriteReport
 
 
 class NullSink:
@@ -39,6 +40,9 @@ class NullSink:
     def write(self, bucket: str, lines: Sequence[str], precision: Precision) -> WriteReport:
         self.lines += len(lines)
         return WriteReport(written=len(lines))
+
+    def metrics(self) -> SinkMetrics:
+        return SinkMetrics()
 
     def stop_retrying(self) -> None:
         pass
@@ -60,7 +64,7 @@ def measure(url: str, patients: int, secs: float, interval: float) -> dict[str, 
         )
     )
     sink = NullSink()
-    collector = Collector(settings, sink)
+    collector = Scheduler.from_settings(settings, sink)
     stop = threading.Event()
     runner = threading.Thread(target=collector.run, args=(stop,))
     cpu0, wall0 = time.process_time(), time.monotonic()
@@ -83,7 +87,9 @@ def measure(url: str, patients: int, secs: float, interval: float) -> dict[str, 
         if stage in ("fetch", "parse") and result != "ok"
     )
     # Every slot scheduled before polling stopped; each is either done on time or not.
-    slots = sum(c.slots(stopped_at) for c in collector.cadences.values())
+    slots = sum(
+        job.cadence.slots(stopped_at) for job in collector.jobs if isinstance(job, PatientJob)
+    )
     return {
         "patients": patients,
         "slots": slots,

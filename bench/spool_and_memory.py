@@ -5,7 +5,7 @@
 2. Drain: the same spool drained by the spooling sink into a real InfluxDB 1.x (Debian's
    influxd, started here on a free port), points/s until the spool is empty.
 3. Memory: 20 bike-share systems of 2,000 stations polled through the collector's own code
-   (GbfsSystem with a fetcher that serves changing payloads, the scheduler's poll, encoders,
+   (GbfsSystem with a fetcher that serves changing payloads, each system's GbfsJob, encoders,
    counters) for an hour of simulated time at 15 s intervals (4,800 polls, 9.6 M station
    rows), into a sink that drops lines. Resident memory (RSS) is sampled after each quarter.
 
@@ -28,12 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collector.contract import Precision
 from collector.http import Response, Validators
+from collector.jobs import GbfsJob
 from collector.retry import Backoff
-from collector.scheduler import Collector
-from collector.settings import GbfsSystemSettings, InfluxDBSettings, Settings
-from collector.sinks.influxdb import WriteReport, make_writer
+from collector.settings import GbfsSystemSettings, InfluxDBSettings
+from collector.sinks.base import Fatal, SinkMetrics, WriteReport
+from collector.sinks.influxdb import make_writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolingSink
 from collector.sources.gbfs import GbfsSystem
+from collector.telemetry import Counters
 from tests.support import InfluxD, wait_for
 
 NOW = 1_700_000_000
@@ -75,7 +77,12 @@ def bench_spool(drain_points: int, batch_size: int = 5000) -> None:
         writer = make_writer(InfluxDBSettings(url=server.url, api="v1", timeout_secs=30))
         start = time.perf_counter()
         sink = SpoolingSink(
-            writer, spool, DeadLetters(workdir / "dead.lp", 10**6), backoff=Backoff(0.1, 1)
+            writer,
+            spool,
+            DeadLetters(workdir / "dead.lp", 10**6),
+            backoff=Backoff(0.1, 1),
+            fatal=Fatal(),
+            counters=Counters(),
         )
         wait_for(lambda: spool.stats().lines == 0, timeout=600, what="drain")
         drain_secs = time.perf_counter() - start
@@ -155,6 +162,9 @@ class NullSink:
     def write(self, bucket: str, lines: Sequence[str], precision: Precision) -> WriteReport:
         return WriteReport(written=len(lines))
 
+    def metrics(self) -> SinkMetrics:
+        return SinkMetrics()
+
     def stop_retrying(self) -> None:
         pass
 
@@ -177,14 +187,15 @@ def bench_memory(systems: int, stations: int, minutes: int, interval: float = 15
         GbfsSystem(s, fetcher=ChangingFeed(n, stations, clock), clock=lambda: clock[0])  # type: ignore[arg-type]
         for n, s in enumerate(settings)
     ]
-    collector = Collector(Settings(), NullSink(), systems=polled)
+    sink, counters = NullSink(), Counters()
+    jobs = [GbfsJob(system, sink, counters) for system in polled]
     rounds = int(minutes * 60 / interval)
     samples = []
     start = time.perf_counter()
     for r in range(rounds):
         clock[0] = NOW + r * interval
-        for system in polled:
-            assert collector.poll(system).ok
+        for job in jobs:
+            assert job.run().ok
         if (r + 1) % (rounds // 4) == 0:
             samples.append(rss_mb())
     secs = time.perf_counter() - start

@@ -39,9 +39,9 @@ from collector.contract import ANOMALY, PATIENT, PRESSURE, STATION_STATUS, Preci
 from collector.http import redact_url
 from collector.lineprotocol import Encoder
 from collector.logs import event
-from collector.replay import Sink
 from collector.retry import Failure
 from collector.settings import ArchiveSettings, ConfigError, Settings
+from collector.sinks.base import Sink
 from collector.sources import gbfs, pressure
 from collector.telemetry import Counters
 
@@ -630,7 +630,7 @@ def _replay_pressure(
                 batches.add(ANOMALY.bucket, ANOMALY.precision, encoders[1].lines(anomaly_rows)[0])
             if reading.person is not None and reading.person != person:
                 person = reading.person
-                row = pressure.person_row(reading)
+                row = pressure.person_row(reading, person)
                 batches.add(PATIENT.bucket, PATIENT.precision, encoders[2].lines([row])[0])
 
 

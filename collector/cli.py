@@ -13,20 +13,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from collector import __version__, logs, replay, settings
+from collector.archive import open_archive
 from collector.contract import ANOMALY, EVENTS, PRESSURE, STATION_STATUS, TRIPS_BUCKET
 from collector.http import redact_url
 from collector.retry import Failure
-from collector.scheduler import Collector
-from collector.sinks.influxdb import AuthError, InfluxWriter, api_mismatch, make_writer
+from collector.scheduler import Scheduler
+from collector.sinks import spool as spooling
+from collector.sinks.base import AuthError, Fatal, Sink
+from collector.sinks.influxdb import InfluxWriter, api_mismatch, make_writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolBusy, SpoolingSink
 from collector.sinks.stdout import StdoutSink
 from collector.sources.gbfs import GbfsSystem
 from collector.sources.pressure import PatientPoller
 from collector.sources.trips import Flows, Progress, TripFileError
+from collector.telemetry import Counters
 
 log = logging.getLogger("collector")
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG = 0, 1, 2
+
+
+def _fail(message: object, code: int = EXIT_CONFIG) -> int:
+    """The error-and-exit path of every command: one line on stderr, the exit code back."""
+    print(f"collector: {message}", file=sys.stderr)
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = settings.load(args.config)
     except settings.ConfigError as exc:
-        print(f"collector: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(exc)
     logs.configure(config.log_level)
     try:
         commands = {
@@ -178,12 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "replay": _replay,
         }
         return commands[args.command](config, args)
-    except AuthError as exc:
-        print(f"collector: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except settings.ConfigError as exc:
-        print(f"collector: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    except (AuthError, settings.ConfigError) as exc:
+        return _fail(exc)
 
 
 def _warn_insecure(config: settings.Settings) -> None:
@@ -204,24 +209,21 @@ def _warn_insecure(config: settings.Settings) -> None:
 
 def _run(config: settings.Settings, args: argparse.Namespace) -> int:
     _warn_insecure(config)
+    counters, fatal = Counters(), Fatal()
     try:
-        sink = StdoutSink() if args.dry_run else _database_sink(config)
+        sink = StdoutSink() if args.dry_run else _database_sink(config, counters, fatal)
     except SpoolBusy as exc:
-        print(f"collector: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    collector = Collector(config, sink)
-    if isinstance(sink, SpoolingSink):
-        sink.on_fatal(collector.fail)
-        sink.on_drained(collector.drained)
-    if not collector.sources:
-        print(
-            "collector: no source configured (add [[gbfs.systems]] or [pressure] url)",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
+        return _fail(exc)
+    # One archive, handed to every source as it is made: they record what they fetch.
+    archive = open_archive(config.archive, counters)
+    scheduler = Scheduler.from_settings(
+        config, sink, counters=counters, fatal=fatal, archive=archive, once=args.once
+    )
     try:
+        if not scheduler.jobs:
+            return _fail("no source configured (add [[gbfs.systems]] or [pressure] url)")
         if args.once:
-            summaries = collector.run_once()
+            summaries = scheduler.run_once()
             for summary in summaries:
                 logs.event(
                     log,
@@ -236,19 +238,19 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-        collector.run(stop)
-        if collector.fatal is not None:
-            return EXIT_CONFIG
-        return EXIT_OK
+        scheduler.run(stop)
+        return EXIT_OK if fatal.error is None else EXIT_CONFIG
     finally:
-        collector.close()
+        scheduler.close()
+        if archive is not None:
+            archive.close()  # ends each file's gzip stream
         sink.close()
         if not args.once:
             # After the sink: its drainer and spool have said their last word by now.
             logs.event(log, logging.INFO, "stopped")
 
 
-def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
+def _database_sink(config: settings.Settings, counters: Counters, fatal: Fatal) -> Sink:
     writer = make_writer(config.influxdb, bucket_names=config.buckets.names())
     spool = config.spool
     if not spool.enabled:
@@ -258,15 +260,12 @@ def _database_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
     replay.warn_spooled_beyond_retention(
         config.influxdb, config.buckets.names(), spooled.oldest_by_bucket()
     )
-    return SpoolingSink(
-        writer,
-        spooled,
-        DeadLetters(
-            spool.dir / "dead-letter.lp",
-            int(spool.dead_letter_max_mb * 1024 * 1024),
-            bucket_names=config.buckets.names(),
-        ),
+    dead_letters = DeadLetters(
+        spooled.dead_letter_path,
+        int(spool.dead_letter_max_mb * 1024 * 1024),
+        bucket_names=config.buckets.names(),
     )
+    return SpoolingSink(writer, spooled, dead_letters, fatal=fatal, counters=counters)
 
 
 def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
@@ -275,8 +274,7 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
     args.system = args.system or "citibike"
     problem = _replay_options_problem(args)
     if problem:
-        print(f"collector: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(problem)
     bucket = config.buckets.of(TRIPS_BUCKET).name
     retention = None
     if not args.dry_run:
@@ -284,15 +282,9 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
         try:
             retention = replay.read_retention(config.influxdb, bucket)
         except replay.PreflightError as exc:
-            print(f"collector: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return _fail(exc)
         except Failure as failure:
-            print(
-                f"collector: InfluxDB at {redact_url(config.influxdb.url)} cannot be used: "
-                f"{failure}",
-                file=sys.stderr,
-            )
-            return EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
+            return _unusable_database(config, failure)
     writer = (
         None if args.dry_run else make_writer(config.influxdb, bucket_names=config.buckets.names())
     )
@@ -309,17 +301,13 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    rename = _station_matcher(config, args.system)
+    rename = replay.station_matcher(config, args.system)
     flows, progress = Flows(timezone=args.timezone), Progress()
     bar = replay.ProgressLine()
     try:
         return _replay_flows(args, flows, progress, bar, writer, retention, rename, stop)
-    except TripFileError as exc:
-        print(f"collector: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except replay.PreflightError as exc:
-        print(f"collector: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    except (TripFileError, replay.PreflightError) as exc:
+        return _fail(exc)
     except replay.Stopped:
         logs.event(log, logging.WARNING, "replay_stopped", stage="reading", written=0)
         return EXIT_FAILURES
@@ -334,16 +322,12 @@ def _replay_archive(config: settings.Settings, args: argparse.Namespace) -> int:
 
     problem, start, end = _archive_options(args)
     if problem:
-        print(f"collector: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(problem)
     directory = args.files[0]
     selection = archive.select(directory, system=args.system, start=start, end=end)
     if not selection.files:
         which = f" of system {args.system!r}" if args.system else ""
-        print(
-            f"collector: no archive files{which} in that range under {directory}", file=sys.stderr
-        )
-        return EXIT_CONFIG
+        return _fail(f"no archive files{which} in that range under {directory}")
     outcome = archive.ReplayOutcome()
     keep_person = config.pressure.store_personal_data
     files, spans = archive.verify(selection, outcome, keep_person=keep_person)
@@ -359,12 +343,9 @@ def _replay_archive(config: settings.Settings, args: argparse.Namespace) -> int:
                     config_key=bucket,
                 )
         except replay.PreflightError as exc:
-            print(f"collector: {exc}; or replay a later range with --from", file=sys.stderr)
-            return EXIT_CONFIG
+            return _fail(f"{exc}; or replay a later range with --from")
         except Failure as failure:
-            where = redact_url(config.influxdb.url)
-            print(f"collector: InfluxDB at {where} cannot be used: {failure}", file=sys.stderr)
-            return EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
+            return _unusable_database(config, failure)
     sink = StdoutSink() if args.dry_run else _replay_sink(config)
     try:
         archive.replay(files, selection, sink, config, outcome)
@@ -411,11 +392,18 @@ def _archive_options(args: argparse.Namespace) -> tuple[str | None, float | None
     return None, start, end
 
 
-def _replay_sink(config: settings.Settings) -> InfluxWriter | SpoolingSink:
+def _unusable_database(config: settings.Settings, failure: Failure) -> int:
+    where = redact_url(config.influxdb.url)
+    code = EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
+    return _fail(f"InfluxDB at {where} cannot be used: {failure}", code)
+
+
+def _replay_sink(config: settings.Settings) -> Sink:
     """The live path, spool included; a running collector holds the spool, and then the
-    replay writes directly (retrying as the writer does) and says so."""
+    replay writes directly (retrying as the writer does) and says so. Refused credentials
+    met by the spool's drainer end nothing here: the replay's own writes raise them."""
     try:
-        return _database_sink(config)
+        return _database_sink(config, Counters(), Fatal())
     except SpoolBusy as exc:
         logs.event(log, logging.INFO, "replay_direct", detail=f"{exc}: writing without it")
         return make_writer(config.influxdb, bucket_names=config.buckets.names())
@@ -462,8 +450,7 @@ def _replay_flows(
     source = ", ".join(str(p) for p in args.files)
     span = flows.span()
     if span is None:
-        print(f"collector: {source}: no usable trip in {progress.rows} rows", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(f"{source}: no usable trip in {progress.rows} rows")
     shift_secs = 0
     if args.shift_to_now:
         shift_secs = (int(time.time()) // 60 - span[1]) * 60
@@ -504,26 +491,6 @@ def _replay_flows(
     return EXIT_FAILURES if outcome.rows_failed or incomplete else EXIT_OK
 
 
-def _station_matcher(config: settings.Settings, system: str) -> Callable[[str], str]:
-    """Trip-file ids -> the station_id of the same system's GBFS feed, when it is configured,
-    so that flows and availability share station_id tags."""
-    live_system = next((s for s in config.gbfs.systems if s.name == system), None)
-    if live_system is None:
-        return lambda station_id: station_id
-    gbfs_system = GbfsSystem(live_system)
-    try:
-        mapping = replay.gbfs_ids(gbfs_system.fetch_catalog())
-    except Failure as failure:
-        logs.event(
-            log, logging.WARNING, "station_match_unavailable", source=system, detail=str(failure)
-        )
-        return lambda station_id: station_id
-    finally:
-        gbfs_system.close()
-    logs.event(log, logging.INFO, "station_match", source=system, gbfs_stations=len(mapping))
-    return lambda station_id: mapping.get(station_id, station_id)
-
-
 def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
     from collector.provision.influxdb import setup
 
@@ -531,10 +498,10 @@ def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
         for step in setup(config):
             print(step)
     except Failure as failure:
-        print(f"collector: setup failed: {failure}", file=sys.stderr)
         # Refused credentials (401) or too few rights (403, "requires admin privilege"): the
         # operator must change the config; retrying the same cannot help.
-        return EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
+        code = EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
+        return _fail(f"setup failed: {failure}", code)
     return EXIT_OK
 
 
@@ -542,8 +509,7 @@ def _dashboards(config: settings.Settings, args: argparse.Namespace) -> int:
     try:
         from collector.provision import grafana
     except ImportError as exc:  # the generator's libraries are an extra, not in the image
-        print(f"collector: {exc}; pip install '.[dashboards]'", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(f"{exc}; pip install '.[dashboards]'")
     if args.check:
         missing, differing = grafana.compare(args.out, config)
         for relative in missing:
@@ -670,8 +636,7 @@ def _simulate(args: argparse.Namespace) -> int:
         server = make_server(app, args.host, args.port)  # type: ignore[arg-type]  # WSGI callables
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        print(f"collector: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(f"cannot listen on {args.host}:{args.port}: {reason}")
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     port = server.server_address[1]
     logs.event(
@@ -692,26 +657,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _spool_report(config: settings.Settings) -> str:
-    spool = config.spool
-    if not spool.enabled:
+    if not config.spool.enabled:
         return "spool: disabled (failed writes are lost after their retries)"
-    path = spool.dir / "spool.sqlite"
-    if not path.exists():
-        return f"spool: {spool.dir}: empty"
-    import sqlite3
-
-    # Read-only: a running collector may hold the spool.
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            batches, lines, oldest = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(lines), 0), MIN(created) FROM batches"
-            ).fetchone()
-    except sqlite3.OperationalError as exc:  # being created this very moment, or damaged
-        return f"spool: {spool.dir}: cannot be read now ({exc})"
-    age = f", oldest {time.time() - oldest:.0f}s old" if oldest else ""
-    dead = spool.dir / "dead-letter.lp"
-    dead_note = f"; dead letters: {dead} ({dead.stat().st_size} bytes)" if dead.exists() else ""
-    return f"spool: {spool.dir}: {batches} batches, {lines} lines waiting{age}{dead_note}"
+    return f"spool: {spooling.describe(config.spool.dir)}"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 FieldType = Literal["integer", "float", "boolean", "string"]
+
+# Data-quality faults of bike-share feeds (README "Data contract"): the ``result`` of the
+# ``quality`` stage in EVENTS, counted per system and logged once per poll.
+QUALITY_KINDS = (
+    "invalid_station",
+    "negative_count",
+    "invalid_value",
+    "duplicate_station",
+    "unknown_station",
+    "over_capacity",
+    "implausible_last_reported",
+)
 Precision = Literal["s", "ms", "us", "ns"]
 
 
@@ -176,8 +188,9 @@ EVENTS = Measurement(
     precision="s",
     description=(
         "Cumulative count per source (a system, a patient, a bucket), stage (fetch, parse, "
-        "write, quality, schedule, anomaly) and result (ok or a small fixed set of error and "
-        "quality kinds) since the collector started: use difference(nonNegative: true)."
+        "write, quality, schedule, anomaly, archive, poll) and result (ok or a small fixed set "
+        "of error and quality kinds, collector.telemetry.RESULTS) since the collector started: "
+        "use difference(nonNegative: true)."
     ),
 )
 
@@ -214,7 +227,8 @@ SPOOL = Measurement(
     description="What waits on disk for the database; dropped_lines: evicted when full.",
 )
 
-# What the collector writes (an encoder is compiled for each).
+# Backfilled minutes are written in seconds (this precision); a live replay stamps each minute
+# with the moment it is written, in milliseconds (``replay.LIVE_PRECISION``).
 STATION_FLOW = Measurement(
     bucket=TRIPS_BUCKET,
     name="station_flow",
@@ -234,6 +248,7 @@ STATION_FLOW = Measurement(
     ),
 )
 
+# What the collector writes (an encoder is compiled for each).
 MEASUREMENTS: tuple[Measurement, ...] = (
     STATION_STATUS,
     PRESSURE,

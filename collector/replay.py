@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TextIO
 
 from collector.contract import STATION_FLOW, Precision
 from collector.http import redact_url
@@ -23,8 +23,9 @@ from collector.lineprotocol import Encoder, Row
 from collector.logs import event
 from collector.provision.influxdb import duration_secs
 from collector.retry import Failure
-from collector.settings import InfluxDBSettings
-from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, WriteReport, make_writer
+from collector.settings import InfluxDBSettings, Settings
+from collector.sinks.base import Sink, WriteReport
+from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, make_writer
 from collector.sources import gbfs
 from collector.sources.trips import Flows, Progress, read_file
 
@@ -32,12 +33,13 @@ log = logging.getLogger(__name__)
 CHUNK = 5000
 
 
-class Sink(Protocol):
-    def write(self, bucket: str, lines: list[str], precision: Precision) -> WriteReport: ...
+# A live replay stamps each minute with the moment it is written, a later millisecond than
+# the minute before however high the speed; a backfill writes STATION_FLOW.precision.
+LIVE_PRECISION: Precision = "ms"
 
 
 @dataclass
-class Outcome:
+class TripReplayResult:
     trips: int = 0
     rows_written: int = 0
     rows_failed: int = 0
@@ -328,6 +330,24 @@ def gbfs_ids(catalog: gbfs.Catalog) -> dict[str, str]:
     return mapping
 
 
+def station_matcher(config: Settings, system: str) -> Callable[[str], str]:
+    """Trip-file ids -> the station_id of the same system's GBFS feed, when it is configured,
+    so that flows and availability share station_id tags."""
+    live_system = next((s for s in config.gbfs.systems if s.name == system), None)
+    if live_system is None:
+        return lambda station_id: station_id
+    gbfs_system = gbfs.GbfsSystem(live_system)
+    try:
+        mapping = gbfs_ids(gbfs_system.fetch_catalog())
+    except Failure as failure:
+        event(log, logging.WARNING, "station_match_unavailable", source=system, detail=str(failure))
+        return lambda station_id: station_id
+    finally:
+        gbfs_system.close()
+    event(log, logging.INFO, "station_match", source=system, gbfs_stations=len(mapping))
+    return lambda station_id: mapping.get(station_id, station_id)
+
+
 def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
     chunk: list[Row] = []
     for row in rows:
@@ -348,12 +368,12 @@ def backfill(
     shift_secs: int = 0,
     bar: ProgressLine | None = None,
     stop: Callable[[], bool] = lambda: False,
-) -> Outcome:
+) -> TripReplayResult:
     """Every (station, minute) at its minute (+ ``shift_secs``), in batches of CHUNK rows;
     stops between batches when ``stop()`` says so (a signal also makes the writer give up
     its retries, so the batch in flight ends at once)."""
     encoder = Encoder(STATION_FLOW)
-    outcome = Outcome(trips=flows.trips)
+    outcome = TripReplayResult(trips=flows.trips)
     total = flows.size()
     rows = (
         (tags, values, stamp + shift_secs)
@@ -366,7 +386,7 @@ def backfill(
             outcome.stopped = True
             break
         lines, _empty = encoder.lines(chunk)
-        _count(outcome, sink.write(STATION_FLOW.bucket, lines, "s"))
+        _count(outcome, sink.write(STATION_FLOW.bucket, lines, STATION_FLOW.precision))
         if bar is not None:
             done = outcome.rows_written + outcome.rows_failed
             bar.update("writing", done, fraction=done / total if total else None)
@@ -375,7 +395,7 @@ def backfill(
     return outcome
 
 
-def _count(outcome: Outcome, report: WriteReport) -> None:
+def _count(outcome: TripReplayResult, report: WriteReport) -> None:
     outcome.rows_written += report.written + report.spooled
     outcome.rows_failed += report.failed + report.rejected
 
@@ -391,12 +411,12 @@ def live(
     sleep: Callable[[float], object] = time.sleep,
     stop: Callable[[], bool] = lambda: False,
     bar: ProgressLine | None = None,
-) -> Outcome:
+) -> TripReplayResult:
     """Emit minute after minute, ``speed`` times faster than they happened. Each minute gets
     a later millisecond than the one before, however high the speed: two minutes on one
     timestamp would overwrite each other."""
     encoder = Encoder(STATION_FLOW)
-    outcome = Outcome(trips=flows.trips)
+    outcome = TripReplayResult(trips=flows.trips)
     span = flows.span()
     if bar is not None:
         bar.update("replaying", 0, unit="minutes")
@@ -418,7 +438,7 @@ def live(
         stamp_ms = last_ms = max(round(due * 1000), last_ms + 1)
         rows = [(tags, values, stamp_ms) for _m, (tags, values, _t) in group]
         lines, _empty = encoder.lines(rows)
-        _count(outcome, sink.write(STATION_FLOW.bucket, lines, "ms"))
+        _count(outcome, sink.write(STATION_FLOW.bucket, lines, LIVE_PRECISION))
         outcome.minutes += 1
         if bar is not None and span is not None:
             length = span[1] - span[0]

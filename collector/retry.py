@@ -10,7 +10,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # telemetry imports this module's ErrorKind
+    from collector.telemetry import Stage
 
 # A small fixed set, so that metrics and logs can be grouped by it without unbounded labels.
 ErrorKind = Literal[
@@ -35,14 +38,14 @@ class Failure(Exception):
         kind: ErrorKind,
         message: str,
         *,
-        stage: str = "fetch",
+        stage: Stage = "fetch",
         status: int | None = None,
         retry_after_secs: float | None = None,
         reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
-        self.stage = stage
+        self.stage: Stage = stage
         # A finer, still bounded, label than kind (e.g. "sensor_count"), for logging once per kind.
         self.reason = reason or kind
         self.status = status

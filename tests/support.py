@@ -19,7 +19,7 @@ from typing import Any
 import requests
 
 from collector.simulators.serve import Background
-from collector.sinks.influxdb import WriteReport
+from collector.sinks.base import SinkMetrics, WriteReport
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -259,6 +259,9 @@ class MemorySink:
     def lines(self, prefix: str = "") -> list[str]:
         with self._lock:
             return [line for _, line in self.written if line.startswith(prefix)]
+
+    def metrics(self) -> SinkMetrics:
+        return SinkMetrics()
 
     def stop_retrying(self) -> None:
         pass

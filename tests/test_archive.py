@@ -14,7 +14,8 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -23,12 +24,14 @@ import orjson
 import pytest
 
 from collector import settings as settings_module
-from collector.archive import Archive, Reader, list_files
+from collector.archive import Archive, Reader, list_files, open_archive
 from collector.contract import ANOMALY, PRESSURE, STATION_STATUS
-from collector.scheduler import Collector
+from collector.scheduler import Scheduler
+from collector.settings import Settings
 from collector.simulators.gbfs import GbfsSimulator
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
+from collector.sinks.base import Sink
 from collector.telemetry import Counters
 from tests.support import (
     DATA,
@@ -67,6 +70,23 @@ class Recording:
     def bodies(self, path: str) -> list[bytes]:
         with self._lock:
             return [body for p, body in self.served if p == path]
+
+
+@contextmanager
+def scheduled(settings: Settings, sink: Sink) -> Iterator[Scheduler]:
+    """What ``collector run --once`` wires: the archive opened from the settings and handed to
+    every job, closed (its gzip streams ended) after them."""
+    counters = Counters()
+    archive = open_archive(settings.archive, counters)
+    scheduler = Scheduler.from_settings(
+        settings, sink, counters=counters, archive=archive, once=True
+    )
+    try:
+        yield scheduler
+    finally:
+        scheduler.close()
+        if archive is not None:
+            archive.close()
 
 
 def _archived(directory: Path) -> dict[tuple[str, str], list[Any]]:
@@ -211,11 +231,8 @@ def test_credentials_query_strings_and_personal_data_never_reach_the_archive(
         f'[pressure]\nurl = "{feeds.url}/p"\npatients = [1, 2]\n'
         'headers = { "X-Api-Token" = "PRESSURE-TOKEN-789" }\n'
     )
-    collector = Collector(settings_module.load(config), MemorySink())
-    try:
+    with scheduled(settings_module.load(config), MemorySink()) as collector:
         summaries = collector.run_once()
-    finally:
-        collector.close()
     assert [s.ok for s in summaries] == [True, True, False]  # patient 2 answers HTML
 
     archived = _archived(archive_dir)
@@ -567,11 +584,8 @@ def test_replay_of_a_real_feed_gives_the_lines_the_live_poll_wrote(
         f'station_status_url = "{feeds.url}/{feed}/station_status.json"\n'
     )
     sink = MemorySink()
-    collector = Collector(settings_module.load(config), sink)
-    try:
+    with scheduled(settings_module.load(config), sink) as collector:
         collector.run_once()
-    finally:
-        collector.close()
     live = sink.lines("station_status,")
     assert len(live) > 100
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from collector import settings as settings_module
-from collector.scheduler import Collector
+from collector.scheduler import Scheduler
 from collector.sinks.influxdb import InfluxV1Writer
+from collector.telemetry import Counters
 from tests.fake_influxdb2 import FakeInfluxDB2
 from tests.support import (
     DATA,
@@ -82,7 +83,7 @@ def test_bad_feeds_are_counted_and_good_data_still_arrives(
     writer = InfluxV1Writer(config.influxdb)
     influxd.query('CREATE DATABASE "bikes"')
     influxd.query("DELETE FROM station_status", "bikes")
-    collector = Collector(config, writer)
+    collector = Scheduler.from_settings(config, writer, once=True)
     with caplog.at_level(logging.INFO):
         summaries = {s.source: s for s in collector.run_once()}
 
@@ -124,7 +125,7 @@ interval_secs = 1
         tmp_path,
     )
     sink = MemorySink()
-    collector = Collector(config, sink)
+    collector = Scheduler.from_settings(config, sink)
     # New data each poll, so each poll writes.
     counter = iter(range(1_700_000_300, 1_800_000_000, 10))
     status = (SPEC / "station_status.json").read_text()
@@ -218,13 +219,12 @@ def test_refused_credentials_stop_the_collector_with_exit_2(
     assert "wrong-secret-token" not in proc.stderr + proc.stdout
 
 
-def test_telemetry_rows_are_exact(tmp_path: Path) -> None:
-    config = _settings("", tmp_path)
-    collector = Collector(config, MemorySink())
-    collector.counters.add("oslo", "fetch", "ok", 3)
-    collector.counters.add("oslo", "quality", "over_capacity", 2)
-    collector._feeds["oslo"] = (1_700_000_000, 250)
-    rows = collector.telemetry_rows(1_700_000_042.5)
+def test_telemetry_rows_are_exact() -> None:
+    counters = Counters()
+    counters.add("oslo", "fetch", "ok", 3)
+    counters.add("oslo", "quality", "over_capacity", 2)
+    counters.feed("oslo", 1_700_000_000, 250)
+    rows = counters.rows(1_700_000_042.5, MemorySink().metrics())
     ok = (("result", "ok"), ("source", "oslo"), ("stage", "fetch"))
     quality = (("result", "over_capacity"), ("source", "oslo"), ("stage", "quality"))
     # A 0 one second before each counter's first value: its first increase is visible.
@@ -242,7 +242,7 @@ def test_telemetry_rows_are_exact(tmp_path: Path) -> None:
         "feed": [((("system", "oslo"),), (42.5, 250), 1_700_000_042)],
         "writes": [],
     }
-    collector.counters.add("oslo", "fetch", "timeout")
-    later = collector.telemetry_rows(1_700_000_052)["events"]
+    counters.add("oslo", "fetch", "timeout")
+    later = counters.rows(1_700_000_052, MemorySink().metrics())["events"]
     timeout = (("result", "timeout"), ("source", "oslo"), ("stage", "fetch"))
     assert [row for row in later if row[1] == (0,)] == [(timeout, (0,), 1_700_000_051)]

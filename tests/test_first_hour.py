@@ -21,11 +21,13 @@ import requests
 from collector import settings as settings_module
 from collector.http import Fetcher
 from collector.retry import Failure
-from collector.scheduler import Collector
+from collector.scheduler import Scheduler
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background, make_server
+from collector.sinks.base import Fatal
 from collector.sinks.influxdb import InfluxV2Writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolingSink
+from collector.telemetry import Counters
 from tests.fake_influxdb2 import FakeInfluxDB2
 from tests.support import (
     DATA,
@@ -57,7 +59,7 @@ def test_run_once_writes_one_reading_of_every_patient_with_true_counts(tmp_path:
         )
         for _run in range(5):
             sink = MemorySink()
-            collector = Collector(config, sink)
+            collector = Scheduler.from_settings(config, sink, once=True)
             summaries = {s.source: s for s in collector.run_once()}
             collector.close()
             for patient in range(1, 7):
@@ -467,12 +469,12 @@ def test_patients_leave_a_trace_at_info(tmp_path: Path, caplog: pytest.LogCaptur
         config = settings_module.load(
             _config(tmp_path, f'[pressure]\nurl = "{url}"\npatients = [1, 2]\n')
         )
-        collector = Collector(config, MemorySink())
+        collector = Scheduler.from_settings(config, MemorySink(), once=True)
         with caplog.at_level(logging.INFO):
             collector.run_once()
-            collector.report()
+            collector.report.run()
             collector.run_once()
-            collector.report()
+            collector.report.run()
         collector.close()
     lines = [r for r in caplog.records if r.getMessage() == "patients"]
     assert [(r.patients, r.readings, r.failed) for r in lines] == [(2, 2, 0), (2, 2, 0)]  # type: ignore[attr-defined]
@@ -496,6 +498,8 @@ def test_an_outage_logs_once_and_its_drain_says_how_much(
         InfluxV2Writer(config.influxdb),
         Spool(tmp_path / "spool", 10_000_000),
         DeadLetters(tmp_path / "dead.lp", 1_000_000),
+        fatal=Fatal(),
+        counters=Counters(),
     )
     try:
         with caplog.at_level(logging.INFO):

@@ -91,12 +91,13 @@ def test_personal_data_only_when_asked_and_only_in_patient(shared_fixtures: Path
     row = _kubek(shared_fixtures)[1]  # Elżbieta Kochalska, disabled
     reading = pressure.parse_reading(_response(row), 2, 5, keep_person=True)
     assert reading.person == pressure.Person("Elżbieta", "Kochalska", "1976", True)
-    (line,) = Encoder(PATIENT).lines([pressure.person_row(reading)])[0]
+    assert reading.person is not None
+    (line,) = Encoder(PATIENT).lines([pressure.person_row(reading, reading.person)])[0]
     assert line == (
         'patient,patient_id=2 birthdate="1976",disabled=true,'
         'firstname="Elżbieta",lastname="Kochalska" 5'
     )
-    assert pressure.person_row(pressure.parse_reading(_response(row), 2, 5)) is None
+    assert pressure.parse_reading(_response(row), 2, 5).person is None  # no patient row
 
 
 def _sensors(**override: object) -> list[dict[str, object]]:
@@ -365,7 +366,7 @@ def test_unknown_patient_and_bad_input_are_counted_every_time_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from collector import settings as settings_module
-    from collector.scheduler import Collector
+    from collector.scheduler import Scheduler
     from tests.support import FeedServer, MemorySink, Reply
 
     feeds = FeedServer().start()
@@ -375,13 +376,14 @@ def test_unknown_patient_and_bad_input_are_counted_every_time_logged_once(
         path = tmp_path / "c.toml"
         path.write_text(f'[pressure]\nurl = "{feeds.url}"\npatients = [1, 2, 9]\n')
         sink = MemorySink()
-        collector = Collector(settings_module.load(path), sink)
-        by_id = {p.patient_id: p for p in collector.patients}
+        collector = Scheduler.from_settings(settings_module.load(path), sink, once=True)
+        by_name = {job.name: job for job in collector.jobs}
         with caplog.at_level("WARNING"):
             for _ in range(3):
-                assert collector.poll_patient_now(by_id[1]).ok
-                assert not collector.poll_patient_now(by_id[2]).ok
-                assert not collector.poll_patient_now(by_id[9]).ok
+                assert by_name["patient-1"].run().ok
+                assert not by_name["patient-2"].run().ok
+                assert not by_name["patient-9"].run().ok
+        collector.close()
     feeds.stop()
     counters = collector.counters
     assert counters.get("patient-1", "fetch", "ok") == 3

@@ -12,7 +12,7 @@ import pytest
 
 from collector import settings as settings_module
 from collector.contract import SENSORS
-from collector.scheduler import Collector
+from collector.scheduler import Scheduler
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
 from tests.support import InfluxD, MemorySink, run_until_sigterm, wait_for
@@ -95,7 +95,7 @@ def test_a_slow_patient_does_not_slow_the_others(tmp_path: Path) -> None:
             "timeout_secs = 5\nflush_interval_secs = 0.2\n"
         )
         sink = MemorySink()
-        collector = Collector(settings_module.load(path), sink)
+        collector = Scheduler.from_settings(settings_module.load(path), sink)
         stop = threading.Event()
         runner = threading.Thread(target=collector.run, args=(stop,))
         runner.start()

@@ -19,8 +19,10 @@ from collector.retry import Backoff
 from collector.settings import InfluxDBSettings
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
+from collector.sinks.base import Fatal
 from collector.sinks.influxdb import make_writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolBusy, SpoolingSink
+from collector.telemetry import Counters
 from tests.fake_influxdb2 import FakeInfluxDB2
 from tests.support import InfluxD, Reply, collector_process, run_cli, wait_for
 
@@ -96,6 +98,8 @@ def _sink(server: FakeInfluxDB2, tmp_path: Path, **settings: object) -> Spooling
         Spool(tmp_path / "spool", 50_000_000),
         DeadLetters(tmp_path / "spool" / "dead-letter.lp", 1_000_000),
         backoff=Backoff(base_secs=0.05, max_secs=0.2),
+        fatal=Fatal(),
+        counters=Counters(),
     )
 
 
@@ -108,7 +112,7 @@ def test_outage_spools_then_drains_everything_once(influx2: FakeInfluxDB2, tmp_p
         second = sink.write("bikes", LINES[5:], "s")  # queued behind, no request made
         assert second.spooled == 5
         wait_for(lambda: sorted(influx2.lines()) == sorted(LINES), what="drain")
-        wait_for(lambda: sink.spool_stats().lines == 0, what="empty spool")
+        wait_for(lambda: sink.metrics().spool.lines == 0, what="empty spool")
         assert sink.write("bikes", ["m,k=z v=1i 1"], "s").written == 1  # direct again
     finally:
         sink.close()
@@ -171,10 +175,12 @@ def test_spool_bound_with_the_database_down(tmp_path: Path) -> None:
         Spool(tmp_path, bound),
         DeadLetters(tmp_path / "d.lp", 1000),
         backoff=Backoff(base_secs=30, max_secs=30),
+        fatal=Fatal(),
+        counters=Counters(),
     )
     try:
         reports = [sink.write("bikes", batch, "s") for batch in batches]
-        stats = sink.spool_stats()
+        stats = sink.metrics().spool
         kept = []
         while (batch := sink.spool.oldest()) is not None:
             kept.append(batch.lines)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from collector import cli, settings
+from collector.sinks.base import Fatal
 from collector.sinks.spool import Spool, SpoolingSink
+from collector.telemetry import Counters
 from tests.fake_influxdb2 import FakeInfluxDB2
 from tests.support import FeedServer, Reply, run_cli
 
@@ -49,7 +51,7 @@ def test_dead_letter_header_names_the_configured_bucket(
 ) -> None:
     _bucket(influx2, "bikes_conflict", 30 * DAY)
     config = settings.load(_config(tmp_path, influx2, '[buckets.bikes]\nname = "bikes_conflict"\n'))
-    sink = cli._database_sink(config)  # as `collector run` wires it
+    sink = cli._database_sink(config, Counters(), Fatal())  # as `collector run` wires it
     assert isinstance(sink, SpoolingSink)
     try:
         report = sink.write("bikes", ["garbage"], "s")

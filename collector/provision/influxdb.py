@@ -46,7 +46,7 @@ from collector.retry import Failure
 from collector.settings import Settings
 from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer
 
-Outcome = Literal["created", "updated", "unchanged", "kept"]
+StepOutcome = Literal["created", "updated", "unchanged", "kept"]
 
 # The collector (and `collector replay`, with the same config) writes these; Grafana reads all.
 WRITTEN_BUCKETS = (BIKES_BUCKET, PRESSURE_BUCKET, ANOMALIES_BUCKET, COLLECTOR_BUCKET, TRIPS_BUCKET)
@@ -57,7 +57,7 @@ NAME_PREFIX = "livestack"
 class Step:
     what: str
     name: str
-    outcome: Outcome
+    outcome: StepOutcome
     detail: str = ""
 
     def __str__(self) -> str:
@@ -218,7 +218,7 @@ def setup_v1(settings: Settings, client: InfluxV1Writer) -> list[Step]:
             changed = True
         else:
             changed = False
-        outcome: Outcome = "created" if created else "updated" if changed else "unchanged"
+        outcome: StepOutcome = "created" if created else "updated" if changed else "unchanged"
         steps.append(Step("database", name, outcome, f"retention {describe_retention(hours)}"))
 
     current_cqs = {(row["_series"], row["name"]) for row in rows("SHOW CONTINUOUS QUERIES")}
@@ -293,7 +293,7 @@ def setup_v2(settings: Settings, writer: InfluxV2Writer) -> list[Step]:
                     bucket_name=name, retention_rules=_rules(hours), org=org_id
                 ),
             )
-            outcome: Outcome = "created"
+            outcome: StepOutcome = "created"
         elif _every_seconds(bucket) != round(hours * 3600):
             bucket.retention_rules = _rules(hours)
             bucket = call("update bucket", lambda bucket=bucket: buckets_api.update_bucket(bucket))

@@ -16,7 +16,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -31,33 +30,9 @@ from collector.http import reason_of, redact_url
 from collector.logs import event
 from collector.retry import Backoff, Failure, kind_of_status, parse_retry_after
 from collector.settings import InfluxDBSettings
+from collector.sinks.base import AuthError, SinkMetrics, WriteReport
 
 log = logging.getLogger(__name__)
-
-
-class AuthError(Exception):
-    """The database refused our credentials: retrying cannot help, the operator must act."""
-
-
-@dataclass
-class WriteReport:
-    written: int = 0
-    rejected: int = 0  # refused by the server as bad data (4xx): retrying cannot help
-    failed: int = 0  # still failing after every retry (outage)
-    spooled: int = 0  # kept on disk, to be written when the server answers again
-    errors: list[Failure] = field(default_factory=list)
-    # What was not written, as batches: transient failures (to spool) and refusals (dead letter).
-    unsent: list[list[str]] = field(default_factory=list)
-    refused: list[tuple[list[str], Failure]] = field(default_factory=list)
-
-    def add(self, other: WriteReport) -> None:
-        self.written += other.written
-        self.rejected += other.rejected
-        self.failed += other.failed
-        self.spooled += other.spooled
-        self.errors.extend(other.errors)
-        self.unsent.extend(other.unsent)
-        self.refused.extend(other.refused)
 
 
 def _server_message(body: bytes | str | None) -> str:
@@ -90,8 +65,6 @@ class InfluxWriter:
     ``bucket`` arguments are the contract's names; ``bucket_names`` maps them to the
     configured ones.
     """
-
-    api = ""
 
     def __init__(
         self,
@@ -154,11 +127,11 @@ class InfluxWriter:
             what = f"check the token, its permission on the bucket, and org {self.settings.org!r}"
         return f"{where} (HTTP {failure.status}) {doing}: {what}"
 
-    def drain_latencies(self) -> dict[str, list[float]]:
+    def metrics(self) -> SinkMetrics:
         """Latencies (ms) of the write requests accepted since the last call, per bucket."""
         with self._latency_lock:
             latencies, self._latencies = self._latencies, {}
-        return latencies
+        return SinkMetrics(latencies_ms=latencies)
 
     # -- shared
     def stop_retrying(self) -> None:
@@ -287,8 +260,6 @@ class InfluxWriter:
 class InfluxV1Writer(InfluxWriter):
     """InfluxDB 1.x: ``POST /write?db=&rp=&precision=`` (1.6 has no /api/v2 at all)."""
 
-    api = "v1"
-
     def __init__(self, settings: InfluxDBSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
         self._session = requests.Session()
@@ -356,8 +327,6 @@ class InfluxV1Writer(InfluxWriter):
 
 class InfluxV2Writer(InfluxWriter):
     """InfluxDB 2.x through influxdb-client's generated write service."""
-
-    api = "v2"
 
     def __init__(self, settings: InfluxDBSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)

@@ -28,9 +28,15 @@ import orjson
 from collector.contract import Precision
 from collector.logs import event
 from collector.retry import Backoff, Failure
-from collector.sinks.influxdb import AuthError, InfluxWriter, WriteReport
+from collector.sinks.base import AuthError, Fatal, SinkMetrics, SpoolStats, WriteReport
+from collector.sinks.influxdb import InfluxWriter
+from collector.telemetry import Counters
 
 log = logging.getLogger(__name__)
+
+
+_DATABASE = "spool.sqlite"
+DEAD_LETTERS = "dead-letter.lp"  # beside the spool
 
 
 class SpoolBusy(Exception):
@@ -46,13 +52,23 @@ class SpooledBatch:
     created: float
 
 
-@dataclass(frozen=True)
-class SpoolStats:
-    batches: int
-    lines: int
-    bytes: int
-    oldest_age_secs: float
-    dropped_lines: int  # evicted because the spool was full, since start
+def describe(directory: Path) -> str:
+    """What waits in the spool under ``directory`` and in its dead letters, for ``collector
+    check``; read-only, since a running collector may hold the spool."""
+    path = directory / _DATABASE
+    if not path.exists():
+        return f"{directory}: empty"
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            batches, lines, oldest = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(lines), 0), MIN(created) FROM batches"
+            ).fetchone()
+    except sqlite3.OperationalError as exc:  # being created this very moment, or damaged
+        return f"{directory}: cannot be read now ({exc})"
+    age = f", oldest {time.time() - oldest:.0f}s old" if oldest else ""
+    dead = directory / DEAD_LETTERS
+    dead_note = f"; dead letters: {dead} ({dead.stat().st_size} bytes)" if dead.exists() else ""
+    return f"{directory}: {batches} batches, {lines} lines waiting{age}{dead_note}"
 
 
 class Spool:
@@ -66,7 +82,7 @@ class Spool:
         except BlockingIOError:
             self._lock_file.close()
             raise SpoolBusy(f"spool {directory} is in use by another collector") from None
-        self.path = directory / "spool.sqlite"
+        self.path = directory / _DATABASE
         self._max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
@@ -79,6 +95,10 @@ class Spool:
             "size INTEGER NOT NULL, created REAL NOT NULL, payload BLOB NOT NULL)"
         )
         self.dropped_lines = 0
+
+    @property
+    def dead_letter_path(self) -> Path:
+        return self.path.parent / DEAD_LETTERS
 
     def close(self) -> None:
         with self._lock:
@@ -142,7 +162,8 @@ class Spool:
 
     def settle(self, batch_id: int, remaining: Sequence[Sequence[str]] = ()) -> None:
         """Remove a batch the server took; what it did not take (``remaining``) is queued
-        again, in the same transaction."""
+        again in the same transaction, at the back of the queue (with its spool time): a
+        batch that keeps failing does not hold up the ones behind it."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -226,9 +247,9 @@ class SpoolingSink:
         spool: Spool,
         dead_letters: DeadLetters,
         *,
+        fatal: Fatal,
+        counters: Counters,
         backoff: Backoff | None = None,
-        on_fatal: Callable[[BaseException], None] | None = None,
-        on_drained: Callable[[str, WriteReport], None] | None = None,
     ) -> None:
         self.writer = writer
         self.spool = spool
@@ -236,8 +257,8 @@ class SpoolingSink:
         self._backoff = backoff or Backoff(
             writer.settings.retry_base_secs, writer.settings.retry_max_secs
         )
-        self._on_fatal = on_fatal or (lambda exc: None)
-        self._on_drained = on_drained or (lambda bucket, report: None)
+        self._fatal = fatal
+        self._counters = counters
         self._outage = threading.Event()
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -273,12 +294,6 @@ class SpoolingSink:
             report = self._to_spool(bucket, precision, unsent, report)
         return report
 
-    def on_fatal(self, callback: Callable[[BaseException], None]) -> None:
-        self._on_fatal = callback
-
-    def on_drained(self, callback: Callable[[str, WriteReport], None]) -> None:
-        self._on_drained = callback
-
     def stop_retrying(self) -> None:
         """Shutdown: no more network waits; everything from now on is spooled."""
         self._stopping.set()
@@ -291,11 +306,8 @@ class SpoolingSink:
         self.writer.close()
         self.spool.close()
 
-    def drain_latencies(self) -> dict[str, list[float]]:
-        return self.writer.drain_latencies()
-
-    def spool_stats(self) -> SpoolStats:
-        return self.spool.stats()
+    def metrics(self) -> SinkMetrics:
+        return SinkMetrics(self.writer.metrics().latencies_ms, self.spool.stats())
 
     # -- inside
     def _to_spool(
@@ -334,12 +346,12 @@ class SpoolingSink:
             try:
                 report = self.writer.write(batch.bucket, batch.lines, batch.precision, retry=False)
             except AuthError as exc:
-                self._on_fatal(exc)
+                self._fatal.stop(exc)
                 return
             self._dead_letter(batch.bucket, batch.precision, report)
             self.spool.settle(batch.id, report.unsent)
             if report.written or report.rejected:
-                self._on_drained(batch.bucket, report)
+                self._counters.drained(batch.bucket, report)
                 drained_batches += 1
                 drained_lines += report.written
             if report.unsent:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from collector.contract import Precision
-from collector.sinks.influxdb import WriteReport
+from collector.sinks.base import SinkMetrics, WriteReport
 
 
 class StdoutSink:
@@ -22,6 +22,9 @@ class StdoutSink:
                 self._stream.write("\n".join(lines) + "\n")
                 self._stream.flush()
         return WriteReport(written=len(lines))
+
+    def metrics(self) -> SinkMetrics:
+        return SinkMetrics()
 
     def stop_retrying(self) -> None:
         pass

@@ -44,7 +44,6 @@ class Reading:
     time_ms: int
     values: tuple[int, ...]  # sensor ids 0-5, in SENSORS order
     anomalies: tuple[bool, ...]
-    trace_id: str | None
     person: Person | None  # only kept when personal data may be stored
 
 
@@ -86,7 +85,6 @@ def parse_reading(
             raise _bad("anomaly_type", f"sensor {sensor_id} anomaly {anomaly!r} is not a boolean")
         values[sensor_id] = value
         flags[sensor_id] = anomaly
-    trace_id = doc["trace"].get("id")
     person = None
     if keep_person:
         disabled = doc.get("disabled")
@@ -100,7 +98,6 @@ def parse_reading(
         time_ms,
         tuple(values),
         tuple(flags),
-        None if trace_id is None else str(trace_id),
         person,
     )
 
@@ -147,10 +144,8 @@ def rows(reading: Reading) -> tuple[list[Row], list[Row]]:
     return pressure, anomalies
 
 
-def person_row(reading: Reading) -> Row | None:
-    person = reading.person
-    if person is None:
-        return None
+def person_row(reading: Reading, person: Person) -> Row:
+    """The ``patient`` row of ``person``, who came with ``reading``."""
     return (
         (("patient_id", str(reading.patient_id)),),
         (person.birthdate, person.disabled, person.firstname, person.lastname),

@@ -1,9 +1,10 @@
-"""Bike-share station availability from GBFS feeds, versions 1.0 to 3.0.
+"""GBFS documents, versions 1.0 to 3.0, parsed: pure functions, bytes in, values out.
 
-``parse_*`` functions are pure (bytes in, values out) and carry the knowledge of the format and
-its real-world quirks; ``GbfsSystem`` does the I/O and remembers what it saw between polls.
+They carry the knowledge of the format and its real-world quirks (a new quirk is a change
+here and a case folder under ``tests/data/gbfs/``); ``system.GbfsSystem`` does the I/O.
 
-Data-quality faults never stop a poll; each is counted under one of ``QUALITY_KINDS``:
+Data-quality faults never stop a poll; each is counted under one of
+``contract.QUALITY_KINDS``:
 
 - ``invalid_station``: no usable station_id or bikes count; the station is not stored.
 - ``negative_count``: a negative count; the station is not stored (its numbers cannot be trusted).
@@ -17,37 +18,17 @@ Data-quality faults never stop a poll; each is counted under one of ``QUALITY_KI
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import orjson
 
 from collector.contract import STATION_STATUS
-from collector.http import Fetcher, Response, Validators
 from collector.lineprotocol import Row, Tags
-from collector.retry import Backoff, Failure
-from collector.settings import GbfsSystemSettings
-
-if TYPE_CHECKING:  # the archive's replay imports this module's parsers
-    from collector.archive import Archive
-
-log = logging.getLogger(__name__)
-
-QUALITY_KINDS = (
-    "invalid_station",
-    "negative_count",
-    "invalid_value",
-    "duplicate_station",
-    "unknown_station",
-    "over_capacity",
-    "implausible_last_reported",
-)
+from collector.retry import Failure
 
 MIN_PLAUSIBLE_EPOCH = 946_684_800  # 2000-01-01T00:00:00Z
 # Feed clocks run a little ahead of ours; a last_updated further ahead than this is not trusted.
@@ -57,10 +38,23 @@ MIN_INFO_REFRESH_SECS = 60.0
 EBIKE_PROPULSION = frozenset({"electric_assist", "electric"})
 EBIKE_FORM_FACTORS = frozenset({"bicycle", "cargo_bicycle"})
 
-_MEASUREMENT = STATION_STATUS.name
+__all__ = [
+    "Catalog",
+    "Discovery",
+    "Snapshot",
+    "Station",
+    "load_document",
+    "parse_discovery",
+    "parse_station_information",
+    "parse_station_status",
+    "parse_timestamp",
+    "parse_vehicle_types",
+    "plausible_time",
+    "schema_failure",
+]
 
 
-def _schema(what: str, message: str) -> Failure:
+def schema_failure(what: str, message: str) -> Failure:
     return Failure("schema", f"{what}: {message}", stage="parse")
 
 
@@ -74,9 +68,9 @@ def load_document(body: bytes, what: str) -> dict[str, Any]:
             "not_json", f"{what}: not JSON ({exc}); starts {start!r}", stage="parse"
         ) from None
     if type(doc) is not dict:
-        raise _schema(what, f"top level is {type(doc).__name__}, not an object")
+        raise schema_failure(what, f"top level is {type(doc).__name__}, not an object")
     if type(doc.get("data")) is not dict:
-        raise _schema(what, "no 'data' object")
+        raise schema_failure(what, "no 'data' object")
     return doc
 
 
@@ -163,7 +157,7 @@ def parse_discovery(body: bytes, language: str | None = None) -> Discovery:
             if type(value) is dict and type(value.get("feeds")) is list
         ]
         if not languages:
-            raise _schema("gbfs.json", "no feeds under data or data.<language>")
+            raise schema_failure("gbfs.json", "no feeds under data or data.<language>")
         chosen = language if language in languages else languages[0]
         feeds = data[chosen]["feeds"]
     urls = {
@@ -186,7 +180,7 @@ def parse_vehicle_types(body: bytes) -> frozenset[str]:
     doc = load_document(body, "vehicle_types")
     types = doc["data"].get("vehicle_types")
     if type(types) is not list:
-        raise _schema("vehicle_types", "no vehicle_types list")
+        raise schema_failure("vehicle_types", "no vehicle_types list")
     # Values are compared as strings only: a list there would not even be hashable.
     return frozenset(
         entry["vehicle_type_id"]
@@ -243,7 +237,7 @@ def parse_station_information(body: bytes, system: str, language: str | None = N
     doc = load_document(body, "station_information")
     raw_stations = doc["data"].get("stations")
     if type(raw_stations) is not list:
-        raise _schema("station_information", "no stations list")
+        raise schema_failure("station_information", "no stations list")
     quality: Counter[str] = Counter()
     stations: dict[str, Station] = {}
     for raw in raw_stations:
@@ -383,7 +377,7 @@ def parse_station_status(
     doc = load_document(body, "station_status")
     raw_stations = doc["data"].get("stations")
     if type(raw_stations) is not list:
-        raise _schema("station_status", "no stations list")
+        raise schema_failure("station_status", "no stations list")
     last_updated = plausible_time(parse_timestamp(doc.get("last_updated")), fetched_at)
     timestamp = last_updated if last_updated is not None else int(fetched_at)
     ttl = doc.get("ttl")
@@ -494,183 +488,3 @@ def parse_station_status(
             )
         )
     return Snapshot(rows, last_updated, ttl if type(ttl) is int and ttl >= 0 else None, quality)
-
-
-# ------------------------------------------------------------------------------------ poller
-
-
-Outcome = Literal["new", "not_modified", "unchanged", "fresh", "backing_off"]
-
-
-@dataclass
-class Poll:
-    outcome: Outcome
-    rows: list[Row] = field(default_factory=list)
-    quality: Counter[str] = field(default_factory=Counter)
-    stations: int = 0
-    feed_time: int | None = None
-    errors: list[Failure] = field(default_factory=list)  # failures that did not stop the poll
-
-
-class GbfsSystem:
-    """Polls one bike-share system. Keeps discovery, station facts and validators between polls.
-
-    Not thread-safe: the scheduler runs at most one poll of a system at a time.
-    """
-
-    def __init__(
-        self,
-        settings: GbfsSystemSettings,
-        *,
-        fetcher: Fetcher | None = None,
-        clock: Callable[[], float] = time.time,
-        backoff: Backoff | None = None,
-        archive: Archive | None = None,
-    ) -> None:
-        self.settings = settings
-        self.name = settings.name
-        self._archive = archive
-        self._fetcher = fetcher or Fetcher(
-            headers=settings.headers,
-            timeout_secs=settings.timeout_secs,
-            max_body_bytes=settings.max_body_bytes,
-            verify_tls=settings.verify_tls,
-        )
-        self._clock = clock
-        self._backoff = backoff or Backoff(base_secs=settings.interval_secs, max_secs=300.0)
-        self._feeds: dict[str, str] | None = None
-        self.version: str | None = None
-        self._catalog: Catalog | None = None
-        self._catalog_at = float("-inf")
-        self._ebike_types: frozenset[str] | None = None
-        self._validators: dict[str, Validators] = {}
-        self._status_at = float("-inf")
-        self._status_ttl = 0.0
-        self._last_updated: int | None = None
-        self._failures = 0
-        self._not_before = float("-inf")
-
-    def close(self) -> None:
-        self._fetcher.close()
-
-    def abort(self) -> None:
-        """Cut the fetch in flight (shutdown); from any thread."""
-        self._fetcher.abort()
-
-    def poll(self) -> Poll:
-        """One poll. Raises Failure when no status could be had; the next poll retries."""
-        now = self._clock()
-        if now < self._not_before:
-            return Poll("backing_off")
-        try:
-            poll = self._poll(now)
-        except Failure as failure:
-            if failure.transient:
-                self._failures += 1
-                self._not_before = now + self._backoff.delay(
-                    self._failures - 1, failure.retry_after_secs
-                )
-            elif failure.status == 404 and self.settings.url is not None:
-                self._feeds = None  # feed URLs move: look them up again next time
-            raise
-        self._failures = 0
-        return poll
-
-    def _poll(self, now: float) -> Poll:
-        errors: list[Failure] = []
-        feeds = self._discover()
-        if now - self._catalog_at >= self._info_refresh_secs():
-            errors.extend(self._refresh_catalog(feeds, now))
-        if now - self._status_at < self._status_ttl:
-            return Poll("fresh", errors=errors)
-
-        url = feeds["station_status"]
-        response = self._get("station_status", url, now)
-        self._status_at = now
-        if response.body is None:
-            return Poll("not_modified", errors=errors)
-        snapshot = parse_station_status(
-            response.body, self.name, self._catalog, now, self._ebike_types
-        )
-        self._validators[url] = response.validators
-        self._status_ttl = min(float(snapshot.ttl or 0), self.settings.max_ttl_secs)
-        if snapshot.quality["unknown_station"] and now - self._catalog_at >= MIN_INFO_REFRESH_SECS:
-            self._catalog_at = float("-inf")  # new stations appeared: fetch their facts next poll
-        quality = snapshot.quality
-        if self._catalog is not None and self._catalog.quality:
-            quality = quality + self._catalog.quality
-        if snapshot.last_updated is not None and snapshot.last_updated == self._last_updated:
-            return Poll(
-                "unchanged", quality=quality, feed_time=snapshot.last_updated, errors=errors
-            )
-        self._last_updated = snapshot.last_updated
-        return Poll(
-            "new",
-            rows=snapshot.rows,
-            quality=quality,
-            stations=len(snapshot.rows),
-            feed_time=snapshot.last_updated,
-            errors=errors,
-        )
-
-    def fetch_catalog(self) -> Catalog:
-        """The system's station_information now (discovering feeds first if needed)."""
-        url = self._discover().get("station_information")
-        if url is None:
-            raise _schema("gbfs.json", "lists no station_information feed")
-        response = self._fetcher.get(url)
-        return parse_station_information(response.body or b"", self.name, self.settings.language)
-
-    def _get(self, feed: str, url: str, now: float) -> Response:
-        """Fetch (conditionally when the feed gave validators), and archive what came."""
-        response = self._fetcher.get(url, self._validators.get(url))
-        if self._archive is not None and response.body is not None:
-            self._archive.record("gbfs", self.name, feed, url, now, response.body)
-        return response
-
-    def _info_refresh_secs(self) -> float:
-        ttl = self._catalog.ttl if self._catalog is not None and self._catalog.ttl else 0
-        return min(self.settings.info_refresh_secs, max(float(ttl), MIN_INFO_REFRESH_SECS))
-
-    def _discover(self) -> dict[str, str]:
-        if self._feeds is not None:
-            return self._feeds
-        settings = self.settings
-        if settings.url is None:
-            feeds = {"station_status": settings.station_status_url}
-            if settings.station_information_url:
-                feeds["station_information"] = settings.station_information_url
-            if settings.vehicle_types_url:
-                feeds["vehicle_types"] = settings.vehicle_types_url
-        else:
-            response = self._get("discovery", settings.url, self._clock())
-            assert response.body is not None  # no validators sent, so never a 304
-            discovery = parse_discovery(response.body, settings.language)
-            self.version = discovery.version
-            feeds = discovery.feeds
-            if "station_status" not in feeds:
-                raise _schema("gbfs.json", "lists no station_status feed (not a docked system?)")
-        self._feeds = {name: url for name, url in feeds.items() if url}
-        return self._feeds
-
-    def _refresh_catalog(self, feeds: dict[str, str], now: float) -> list[Failure]:
-        """Fetch station_information (and vehicle_types); a failure keeps the old facts."""
-        errors: list[Failure] = []
-        for feed in ("station_information", "vehicle_types"):
-            url = feeds.get(feed)
-            if url is None:
-                continue
-            try:
-                response = self._get(feed, url, now)
-                if response.body is not None:
-                    if feed == "station_information":
-                        self._catalog = parse_station_information(
-                            response.body, self.name, self.settings.language
-                        )
-                    else:
-                        self._ebike_types = parse_vehicle_types(response.body)
-                    self._validators[url] = response.validators
-            except Failure as failure:
-                errors.append(failure)
-        self._catalog_at = now
-        return errors

@@ -1,0 +1,353 @@
+"""What the scheduler runs: one job per source, and the collector's own report.
+
+Every job has the same shape (``Job``): a name, an interval, a jitter, a first start, and
+``run() -> PollSummary``; the scheduler knows nothing else of it. ``build_jobs`` is the one
+place that names the kinds of source: a new kind is its module under ``sources/``, its job
+here, and one line in ``build_jobs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from collector.archive import Archive
+from collector.contract import (
+    ANOMALY,
+    EVENTS,
+    FEED,
+    PATIENT,
+    PRESSURE,
+    SPOOL,
+    STATION_STATUS,
+    WRITES,
+)
+from collector.lineprotocol import Encoder
+from collector.logs import event
+from collector.retry import Failure
+from collector.settings import Settings
+from collector.sinks.base import Fatal, Sink
+from collector.sinks.batch import BatchingSink
+from collector.sources import pressure
+from collector.sources.gbfs import GbfsSystem
+from collector.sources.pressure import PatientPoller, Person
+from collector.telemetry import Counters
+
+__all__ = [
+    "Cadence",
+    "GbfsJob",
+    "Job",
+    "Jobs",
+    "PatientJob",
+    "PollSummary",
+    "TelemetryJob",
+    "build_jobs",
+]
+
+log = logging.getLogger(__name__)
+
+# At most this much jitter on a bike-share system's interval: spreads the systems' polls
+# without letting a long interval drift far from its cadence.
+MAX_GBFS_JITTER_SECS = 5.0
+
+
+@dataclass
+class PollSummary:
+    source: str
+    ok: bool
+    outcome: str
+    written: int = 0
+
+
+class Job(Protocol):
+    name: str
+    kind: str  # counted in the start-up log line: "systems", "patients"
+    interval_secs: float
+    jitter_secs: float
+    start_secs: float  # epoch seconds of the first run
+
+    def run(self) -> PollSummary:
+        """One poll, written (or queued for writing) before it returns. Raises ``AuthError``
+        when the database refuses the credentials; anything else it raises is a bug."""
+        ...
+
+    def abort(self) -> None:
+        """Cut a fetch in flight (shutdown); from any thread."""
+        ...
+
+    def close(self) -> None:
+        """After the last run: write what is queued, close sessions."""
+        ...
+
+
+class Cadence:
+    """Whether each poll finished within one interval of the slot it was scheduled for."""
+
+    def __init__(self, interval_secs: float, start_secs: float) -> None:
+        self.interval_secs = interval_secs
+        self.start_secs = start_secs
+
+    def on_time(self, started: float, finished: float) -> bool:
+        slot = self.start_secs + math.floor(
+            (started - self.start_secs) / self.interval_secs + 1e-9
+        ) * (self.interval_secs)
+        return finished - slot <= self.interval_secs
+
+    def slots(self, now: float) -> int:
+        """Polls scheduled from start until ``now``."""
+        return max(0, math.floor((now - self.start_secs) / self.interval_secs) + 1)
+
+
+class GbfsJob:
+    """One bike-share system: a poll writes its own batch and logs one line."""
+
+    def __init__(self, system: GbfsSystem, sink: Sink, counters: Counters) -> None:
+        self.system = system
+        self.name = system.name
+        self.kind = "systems"
+        self.interval_secs = system.settings.interval_secs
+        self.jitter_secs = min(self.interval_secs / 10, MAX_GBFS_JITTER_SECS)
+        self.start_secs = time.time()
+        self._sink = sink
+        self._counters = counters
+        # One encoder per job: its caches are then touched by one thread at a time.
+        self._encoder = Encoder(STATION_STATUS)
+        counters.expect_feed(self.name)
+
+    def run(self) -> PollSummary:
+        name = self.name
+        counters = self._counters
+        try:
+            poll = self.system.poll()
+        except Failure as failure:
+            counters.failed(name, "poll_failed", failure)
+            return PollSummary(name, False, "failed")
+        for failure in poll.errors:
+            counters.failed(name, "feed_failed", failure)
+        if poll.outcome == "backing_off":
+            return PollSummary(name, True, poll.outcome)
+        counters.add(name, "fetch", "ok")
+        for kind, n in poll.quality.items():
+            counters.add(name, "quality", kind, n)
+        if not poll.rows:
+            event(log, logging.DEBUG, "poll", source=name, outcome=poll.outcome)
+            return PollSummary(name, True, poll.outcome)
+
+        if poll.feed_time is not None:
+            counters.feed(name, poll.feed_time, poll.stations)
+        lines, empty = self._encoder.lines(poll.rows)
+        counters.add(name, "parse", "ok")
+        counters.add(name, "parse", "empty_row", empty)
+        report = self._sink.write(STATION_STATUS.bucket, lines, STATION_STATUS.precision)
+        counters.wrote(name, report)
+        event(
+            log,
+            logging.INFO,
+            "poll",
+            source=name,
+            outcome=poll.outcome,
+            stations=poll.stations,
+            written=report.written,
+            rejected=report.rejected,
+            failed=report.failed,
+            spooled=report.spooled or None,
+            feed_time=poll.feed_time,
+            quality=",".join(f"{k}:{n}" for k, n in sorted(poll.quality.items())) or None,
+        )
+        ok = not (report.rejected or report.failed)
+        return PollSummary(name, ok, poll.outcome, report.written)
+
+    def abort(self) -> None:
+        self.system.abort()
+
+    def close(self) -> None:
+        self.system.close()
+
+
+class PatientJob:
+    """One patient: a reading as pressure, anomaly and (when allowed) patient lines.
+
+    On schedule, readings (hundreds a second) go to ``queue``, a ``BatchingSink`` shared by
+    every patient, which ``close`` flushes; without one (``run --once``) they are written to
+    ``sink`` before the summary, whose count is then what the database took.
+    """
+
+    def __init__(
+        self,
+        poller: PatientPoller,
+        sink: Sink,
+        counters: Counters,
+        *,
+        queue: BatchingSink | None,
+        interval_secs: float,
+        start_secs: float,
+    ) -> None:
+        self.poller = poller
+        self.name = poller.name
+        self.kind = "patients"
+        self.interval_secs = interval_secs
+        self.jitter_secs = 0.0  # the cadence is the point: every patient on the same slots
+        self.start_secs = start_secs
+        self.cadence = Cadence(interval_secs, start_secs)
+        self._out: Sink = sink if queue is None else queue
+        self._queue = queue
+        self._counters = counters
+        self._encoders = (Encoder(PRESSURE), Encoder(ANOMALY), Encoder(PATIENT))
+        self._person: Person | None = None
+
+    def run(self) -> PollSummary:
+        started = time.time()
+        try:
+            return self._poll()
+        finally:
+            on_time = self.cadence.on_time(started, time.time())
+            self._counters.add(self.name, "schedule", "on_time" if on_time else "late")
+
+    def _poll(self) -> PollSummary:
+        name, counters = self.name, self._counters
+        try:
+            reading = self.poller.poll()
+        except Failure as failure:
+            # Patients are polled several times a second: a log line per failure would bury
+            # the log. The first of each reason is logged; the counters keep the rest.
+            counters.failed(name, "poll_failed", failure, once=True)
+            return PollSummary(name, False, "failed")
+        pressure_encoder, anomaly_encoder, person_encoder = self._encoders
+        pressure_rows, anomaly_rows = pressure.rows(reading)
+        batches = [(PRESSURE.bucket, PRESSURE.precision, pressure_encoder.lines(pressure_rows)[0])]
+        if anomaly_rows:
+            counters.add(name, "anomaly", "flagged", len(anomaly_rows))
+            lines = anomaly_encoder.lines(anomaly_rows)[0]
+            batches.append((ANOMALY.bucket, ANOMALY.precision, lines))
+        person = reading.person
+        if person is not None and self._person != person:
+            self._person = person
+            row = pressure.person_row(reading, person)
+            batches.append((PATIENT.bucket, PATIENT.precision, person_encoder.lines([row])[0]))
+        counters.add(name, "fetch", "ok")
+        written, ok = 0, True
+        for bucket, precision, lines in batches:
+            report = self._out.write(bucket, lines, precision)
+            counters.wrote(bucket, report)
+            written += report.written
+            ok = ok and not (report.rejected or report.failed)
+        return PollSummary(name, ok, "new", written)
+
+    def abort(self) -> None:
+        self.poller.abort()
+
+    def close(self) -> None:
+        self.poller.close()
+        if self._queue is not None:
+            self._queue.close()  # what every patient queued, written (once, by the first)
+
+
+class TelemetryJob:
+    """The collector's own metrics, written every ``telemetry_interval_secs`` and once more at
+    the end. A job of its own: a slow database delays these reports, never the sources."""
+
+    name = kind = "telemetry"
+    jitter_secs = 0.0
+
+    def __init__(
+        self, settings: Settings, sink: Sink, counters: Counters, patients: list[str]
+    ) -> None:
+        self.interval_secs = float(settings.telemetry_interval_secs)
+        self.start_secs = time.time() + self.interval_secs
+        self._sink = sink
+        self._counters = counters
+        self._patients = frozenset(patients)
+        self._patients_logged: dict[str, int] = {}
+        self._encoders = {m.name: Encoder(m) for m in (EVENTS, FEED, WRITES, SPOOL)}
+        self._lock = threading.Lock()  # the last report (at shutdown) may overlap a late one
+
+    def run(self) -> PollSummary:
+        with self._lock:
+            if self._patients:
+                self._log_patients(self._counters.snapshot())
+            lines: list[str] = []
+            for name, rows in self._counters.rows(time.time(), self._sink.metrics()).items():
+                lines += self._encoders[name].lines(rows)[0]
+            if not lines:
+                return PollSummary(self.name, True, "empty")
+            report = self._sink.write(EVENTS.bucket, lines, EVENTS.precision)
+            self._counters.wrote(EVENTS.bucket, report)
+            return PollSummary(self.name, not (report.rejected or report.failed), "new")
+
+    def _log_patients(self, counts: dict[tuple[str, str, str], int]) -> None:
+        """One INFO line per report for all patients: polled several times a second, they
+        log no line of their own, and a quiet log must still show they are being read."""
+        totals = {"readings": 0, "failed": 0, "anomalies": 0}
+        for (source, stage, result), n in counts.items():
+            if source not in self._patients:
+                continue
+            if (stage, result) == ("fetch", "ok"):
+                totals["readings"] += n
+            elif stage == "anomaly":
+                totals["anomalies"] += n
+            elif stage in ("fetch", "parse", "poll") and result != "cancelled":
+                totals["failed"] += n
+        since = {k: v - self._patients_logged.get(k, 0) for k, v in totals.items()}
+        self._patients_logged = totals
+        event(log, logging.INFO, "patients", patients=len(self._patients), **since)
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run()  # the last counts
+
+
+class Jobs(NamedTuple):
+    sources: list[Job]
+    report: TelemetryJob
+
+
+def build_jobs(
+    settings: Settings,
+    sink: Sink,
+    counters: Counters,
+    fatal: Fatal,
+    *,
+    archive: Archive | None = None,
+    once: bool = False,
+) -> Jobs:
+    """A job per configured source, and the report of them all: the one place that names
+    the kinds of source.
+
+    ``once``: for ``run --once``, patients write straight to ``sink`` instead of through a
+    batch writer, so that each job's summary says what the database took.
+    """
+    jobs: list[Job] = [
+        GbfsJob(GbfsSystem(system, archive=archive), sink, counters)
+        for system in settings.gbfs.systems
+    ]
+    patients: list[str] = []
+    source = settings.pressure
+    if source.url:
+        queue = None
+        if not once:
+            queue = BatchingSink(
+                sink,
+                counters=counters,
+                fatal=fatal,
+                flush_interval_secs=source.flush_interval_secs,
+            )
+        start_secs = time.time() + 0.05
+        jobs += [
+            PatientJob(
+                PatientPoller(source, patient, archive=archive),
+                sink,
+                counters,
+                queue=queue,
+                interval_secs=source.interval_secs,
+                start_secs=start_secs,
+            )
+            for patient in source.patients
+        ]
+        patients = [f"patient-{patient}" for patient in source.patients]
+    return Jobs(jobs, TelemetryJob(settings, sink, counters, patients))
