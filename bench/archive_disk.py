@@ -82,7 +82,7 @@ def main() -> None:
 
 def _up(requests: object, port: int) -> bool:
     try:
-        requests.get(f"http://127.0.0.1:{port}/1", timeout=1)  # type: ignore[attr-defined]
+        requests.get(f"http://127.0.0.1:{port}/1", timeout=1)  # type: ignore[attr-defined]  # the requests module, passed in
     except Exception:
         return False
     return True
@@ -136,7 +136,7 @@ def replay(work: Path) -> None:
         secs = time.monotonic() - started
     finally:
         server.stop()
-    written = int(re.search(r"written=(\d+)", done.stderr)[1])  # type: ignore[index]
+    written = int(re.search(r"written=(\d+)", done.stderr)[1])  # type: ignore[index]  # the CLI always logs it
     print(
         f"replay into InfluxDB 1.x: {written} points in {secs:.1f} s "
         f"(start-up included): {written / secs:,.0f} points/s"

@@ -184,7 +184,7 @@ def bench_memory(systems: int, stations: int, minutes: int, interval: float = 15
         for n in range(systems)
     ]
     polled = [
-        GbfsSystem(s, fetcher=ChangingFeed(n, stations, clock), clock=lambda: clock[0])  # type: ignore[arg-type]
+        GbfsSystem(s, fetcher=ChangingFeed(n, stations, clock), clock=lambda: clock[0])  # type: ignore[arg-type]  # a stand-in Fetcher
         for n, s in enumerate(settings)
     ]
     sink, counters = NullSink(), Counters()

@@ -335,7 +335,7 @@ def _parse_path(path: Path) -> ArchiveFile | None:
     if match is None or kind not in _KINDS:
         return None
     hour = int(datetime.strptime(match[1], "%Y-%m-%dT%H").replace(tzinfo=UTC).timestamp())
-    return ArchiveFile(path, kind, path.parent.name, hour, int(match[2] or 0))  # type: ignore[arg-type]
+    return ArchiveFile(path, kind, path.parent.name, hour, int(match[2] or 0))
 
 
 def list_files(directory: Path) -> list[ArchiveFile]:

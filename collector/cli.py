@@ -595,8 +595,8 @@ def _check_system(system_settings: settings.GbfsSystemSettings) -> bool:
         f"ok, GBFS {version}, {poll.stations} stations{age}"
         + (f"; data-quality faults: {quality}" if quality else "")
     )
-    for failure in poll.errors:
-        print(f"  warning: {failure}")
+    for error in poll.errors:
+        print(f"  warning: {error}")
     return True
 
 
@@ -621,11 +621,11 @@ def _check_patients(source: settings.PressureSettings) -> bool:
 def _simulate(args: argparse.Namespace) -> int:
     from collector.simulators.gbfs import GbfsSimulator
     from collector.simulators.pressure import PressureSimulator
-    from collector.simulators.serve import make_server
+    from collector.simulators.serve import WsgiApp, make_server
 
     logs.configure("INFO")
     if args.api == "pressure":
-        app: object = PressureSimulator(
+        app: WsgiApp = PressureSimulator(
             args.seed, anomaly_runs_per_hour=args.anomaly_runs_per_hour, patients=args.patients
         )
         path = ""  # [pressure] url; patients are /1 .. /N
@@ -633,7 +633,7 @@ def _simulate(args: argparse.Namespace) -> int:
         app = GbfsSimulator(args.seed, stations=args.stations, version=args.gbfs_version)
         path = "/gbfs.json"  # [[gbfs.systems]] url
     try:
-        server = make_server(app, args.host, args.port)  # type: ignore[arg-type]  # WSGI callables
+        server = make_server(app, args.host, args.port)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         return _fail(f"cannot listen on {args.host}:{args.port}: {reason}")

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -47,6 +47,9 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+_Conn = TypeVar("_Conn", bound=HTTPConnection)
 
 
 class _Connections:
@@ -88,7 +91,7 @@ def _cut(conn: HTTPConnection) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _registering(base: type[HTTPConnection], registry: _Connections) -> type[HTTPConnection]:
+def _registering(base: type[_Conn], registry: _Connections) -> type[_Conn]:
     """``base`` whose connections enter ``registry`` once connected and leave it on close."""
 
     class Registered(base):  # type: ignore[valid-type,misc]  # a class made per registry

@@ -126,8 +126,8 @@ class GbfsJob:
         except Failure as failure:
             counters.failed(name, "poll_failed", failure)
             return PollSummary(name, False, "failed")
-        for failure in poll.errors:
-            counters.failed(name, "feed_failed", failure)
+        for error in poll.errors:
+            counters.failed(name, "feed_failed", error)
         if poll.outcome == "backing_off":
             return PollSummary(name, True, poll.outcome)
         counters.add(name, "fetch", "ok")

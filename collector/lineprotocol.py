@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TypeAlias
+from typing import Any, TypeAlias, cast
 
 from collector.contract import Measurement
 
@@ -86,6 +86,16 @@ class _Cache(dict[object, str]):
         return text
 
 
+def _fragment(prefix: str, fmt: Callable[[Any], str | None]) -> Callable[[object], str | None]:
+    """A cache's miss: ``,name=`` and the formatted value, None when it is not written."""
+
+    def make(value: object) -> str | None:
+        text = fmt(value)
+        return None if text is None else prefix + text
+
+    return make
+
+
 def _generate(measurement: Measurement) -> str:
     """Source of ``encode(rows, out) -> empty`` for one measurement.
 
@@ -138,14 +148,12 @@ class Encoder:
         namespace: dict[str, object] = {}
         for i, name in enumerate(measurement.field_names):
             kind = measurement.fields[name]
-            if kind in ("float", "string"):
-                fmt = format_float if kind == "float" else format_string
-                namespace[f"c{i}"] = _Cache(
-                    max_cached,
-                    lambda v, p=f",{name}=", f=fmt: None if (t := f(v)) is None else p + t,
-                )
+            if kind == "float":
+                namespace[f"c{i}"] = _Cache(max_cached, _fragment(f",{name}=", format_float))
+            elif kind == "string":
+                namespace[f"c{i}"] = _Cache(max_cached, _fragment(f",{name}=", format_string))
         exec(compile(_generate(measurement), "<generated encoder>", "exec"), namespace)
-        self._encode: Callable[..., int] = namespace["encode"]  # type: ignore[assignment]
+        self._encode = cast(Callable[..., int], namespace["encode"])
 
     def _new_key(self, tags: Tags) -> str:
         if len(self._keys) >= self._max_cached:

@@ -96,7 +96,7 @@ class Backoff:
         same server spread out, yet none retries almost at once. The server's Retry-After is a
         floor: retrying sooner only earns another 429.
         """
-        step = min(self.max_secs, self.base_secs * (2 ** min(attempt, 32)))
+        step = min(self.max_secs, self.base_secs * (1 << min(attempt, 32)))
         jitter = (rng or random).random()
         wait = step / 2 + jitter * step / 2
         if retry_after_secs is not None:

@@ -84,7 +84,7 @@ class FakeInfluxDB2:
             return self._error(401, "unauthorized", "unauthorized access")
         return None
 
-    def _authorized(self, handler):  # type: ignore[no-untyped-def]
+    def _authorized(self, handler):  # type: ignore[no-untyped-def]  # handlers of several shapes
         return lambda request: self._unauthorized(request) or handler(request)
 
     def _write(self, request: Request) -> Reply:

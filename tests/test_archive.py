@@ -198,13 +198,13 @@ def _secret_feeds(feeds: FeedServer) -> str:
     """The hand-written 2.3 feed, its gbfs.json listing feed URLs that carry the API key, as
     some systems do; answers 401 to requests without the key and the header token."""
     gbfs_url = feeds.serve_folder(DATA / "gbfs" / "v2.3", "/v2.3")
-    doc = json.loads(feeds.routes["/v2.3/gbfs.json"].body)  # type: ignore[union-attr]
+    doc = json.loads(feeds.routes["/v2.3/gbfs.json"].body)  # type: ignore[union-attr]  # a Reply on this route
     for feed in doc["data"]["nb"]["feeds"]:
         feed["url"] += "?api_key=SECRET-KEY-123"
     feeds.routes["/v2.3/gbfs.json"] = Reply(200, json.dumps(doc).encode())
     for path, route in list(feeds.routes.items()):
 
-        def guarded(request: Any, reply: Reply = route) -> Reply:  # type: ignore[assignment]
+        def guarded(request: Any, reply: Reply = route) -> Reply:  # type: ignore[assignment]  # a handler where a Reply was
             ok = "api_key=SECRET-KEY-123" in request.query
             ok = ok and request.headers.get("Authorization") == "Bearer HEADER-TOKEN-456"
             return reply if ok else Reply(401, b"no key")
@@ -272,7 +272,7 @@ def test_retention_removes_the_hours_past_it_counted_and_logged(
     assert names == [f"2026-12-01T{h:02d}Z.raw.gz" for h in range(14, 21)]
     assert counters.get("oslo", "archive", "removed_retention") == 4
     removed = [r for r in caplog.records if r.getMessage() == "archive_removed"]
-    assert [(r.reason, Path(r.file).name) for r in removed] == [  # type: ignore[attr-defined]
+    assert [(r.reason, Path(r.file).name) for r in removed] == [  # type: ignore[attr-defined]  # fields set by logs.event
         ("retention", f"2026-12-01T{h:02d}Z.raw.gz") for h in range(10, 14)
     ]
     # A restart later, once hour 4 ended more than 6 h ago: it goes at start-up.

@@ -198,7 +198,7 @@ def _independent_span(path: Path) -> tuple[str, str]:
     with path.open(encoding="utf-8-sig", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["end_station_id"]]
     times = [r["started_at"][:16] for r in rows] + [r["ended_at"][:16] for r in rows]
-    return tuple(  # type: ignore[return-value]
+    return tuple(  # type: ignore[return-value]  # always two times: first and last
         datetime.fromisoformat(t)
         .replace(tzinfo=NEW_YORK)
         .astimezone(UTC)
@@ -234,7 +234,7 @@ def test_shift_to_now_lands_every_trip_moved_by_one_offset(
     )
     after = int(time.time()) // 60 * 60
     assert result.returncode == 0, result.stderr
-    offset = int(re.search(r"event=replay_shift offset_secs=(\d+)", result.stderr).group(1))  # type: ignore[union-attr]
+    offset = int(re.search(r"event=replay_shift offset_secs=(\d+)", result.stderr).group(1))  # type: ignore[union-attr]  # the CLI always logs it
     stored = _stored(fresh_v1, "jc")
     assert before <= max(t for _s, t in stored) <= after  # the last minute is now
     expected = _independent_minutes(path)

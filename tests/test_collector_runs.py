@@ -98,9 +98,9 @@ def test_bad_feeds_are_counted_and_good_data_still_arrives(
     for name, (_reply, stage, kind) in BAD_FEEDS.items():
         assert not summaries[name].ok, name
         assert collector.counters.get(name, stage, kind) == 1, name
-        failed = [r for r in caplog.records if r.getMessage() == "poll_failed" and r.source == name]  # type: ignore[attr-defined]
+        failed = [r for r in caplog.records if r.getMessage() == "poll_failed" and r.source == name]  # type: ignore[attr-defined]  # fields set by logs.event
         assert len(failed) == 1, name
-        assert (failed[0].stage, failed[0].error) == (stage, kind)  # type: ignore[attr-defined]
+        assert (failed[0].stage, failed[0].error) == (stage, kind)  # type: ignore[attr-defined]  # fields set by logs.event
     assert collector.counters.get("good", "fetch", "ok") == 1
     assert collector.counters.get("good", "quality", "unknown_station") == 1
 

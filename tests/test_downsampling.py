@@ -44,9 +44,9 @@ LOOKBACK_HOURS = Settings().setup.downsample_lookback_hours
 def cq_window(statement: str, now: int) -> tuple[int, int] | None:
     """[start, end) in seconds of the run due at ``now`` (seconds), as service.go computes it
     for a CQ with no GROUP BY offset."""
-    every = duration_secs(re.search(r"RESAMPLE EVERY (\S+)", statement).group(1))  # type: ignore[union-attr]
+    every = duration_secs(re.search(r"RESAMPLE EVERY (\S+)", statement).group(1))  # type: ignore[union-attr]  # every generated query has it
     found_for = re.search(r" FOR (\S+)", statement)
-    interval = duration_secs(re.search(r"GROUP BY time\((\w+)\)", statement).group(1))  # type: ignore[union-attr]
+    interval = duration_secs(re.search(r"GROUP BY time\((\w+)\)", statement).group(1))  # type: ignore[union-attr]  # every generated query has it
     resample_for = duration_secs(found_for.group(1)) if found_for else max(every, interval)
     resample_every = min(every, interval)
 

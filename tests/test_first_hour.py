@@ -477,7 +477,7 @@ def test_patients_leave_a_trace_at_info(tmp_path: Path, caplog: pytest.LogCaptur
             collector.report.run()
         collector.close()
     lines = [r for r in caplog.records if r.getMessage() == "patients"]
-    assert [(r.patients, r.readings, r.failed) for r in lines] == [(2, 2, 0), (2, 2, 0)]  # type: ignore[attr-defined]
+    assert [(r.patients, r.readings, r.failed) for r in lines] == [(2, 2, 0), (2, 2, 0)]  # type: ignore[attr-defined]  # fields set by logs.event
 
 
 def test_an_outage_logs_once_and_its_drain_says_how_much(
@@ -520,7 +520,7 @@ def test_an_outage_logs_once_and_its_drain_says_how_much(
     # One line per retry: the writer's own give-up line stays at DEBUG when the spool retries.
     assert events.count("spool_retry") == 2 and "write_failed" not in events
     drained = next(r for r in caplog.records if r.getMessage() == "spool_drained")
-    assert drained.lines == 3  # type: ignore[attr-defined]
+    assert drained.lines == 3  # type: ignore[attr-defined]  # fields set by logs.event
 
 
 @pytest.mark.influxdb

@@ -40,47 +40,27 @@ def _lines(
     return "\n".join(lines) + "\n", snapshot, catalog
 
 
-@pytest.mark.parametrize(
-    ("version", "system", "fetched_at", "language", "quality", "info_quality"),
-    [
-        (
-            "v1.0",
-            "nyc",
-            1_700_000_100,
-            None,
-            {
-                "negative_count": 1,
-                "duplicate_station": 1,
-                "unknown_station": 1,
-                "implausible_last_reported": 1,
-                "invalid_station": 2,
-            },
-            {"duplicate_station": 1},
-        ),
-        ("v1.1", "paris", 1_700_000_130, None, {"over_capacity": 1}, {}),
-        (
-            "v2.3",
-            "oslo",
-            1_700_000_310,
-            None,
-            {"over_capacity": 1, "invalid_value": 1, "unknown_station": 1},
-            {},
-        ),
-        ("v3.0", "oslo3", 1_700_000_210, "en", {}, {}),
-    ],
-)
-def test_spec_fixture_gives_exact_line_protocol(
-    version: str,
-    system: str,
-    fetched_at: float,
-    language: str | None,
-    quality: dict[str, int],
-    info_quality: dict[str, int],
-) -> None:
-    text, snapshot, catalog = _lines(SPEC / version, system, fetched_at, language)
-    assert text == (SPEC / version / "expected.lp").read_text()
-    assert dict(snapshot.quality) == quality
-    assert dict(catalog.quality) == info_quality
+# A case is a folder: the documents a system serves, ``expected.lp`` (written by hand from the
+# specification) and ``case.json`` (what it shows, the parse's parameters and its expected
+# data-quality counts). A new real-world quirk is one more folder.
+CASES = sorted(folder.name for folder in SPEC.iterdir() if (folder / "case.json").is_file())
+
+
+def test_every_fixture_folder_describes_itself() -> None:
+    assert sorted(folder.name for folder in SPEC.iterdir() if folder.is_dir()) == CASES
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_spec_fixture_gives_exact_line_protocol(case: str) -> None:
+    folder = SPEC / case
+    params = json.loads((folder / "case.json").read_text())
+    assert params["description"]
+    text, snapshot, catalog = _lines(
+        folder, params["system"], params["fetched_at"], params["language"]
+    )
+    assert text == (folder / "expected.lp").read_text()
+    assert dict(snapshot.quality) == params["quality"]
+    assert dict(catalog.quality) == params["info_quality"]
 
 
 def test_discovery_v1_v2_language_key_and_v3_flat() -> None:
@@ -94,7 +74,7 @@ def test_discovery_v1_v2_language_key_and_v3_flat() -> None:
     assert gbfs.parse_discovery(v11, language="de").language == "fr"
 
     v23 = gbfs.parse_discovery((SPEC / "v2.3" / "gbfs.json").read_bytes())
-    assert (v23.language, v23.version, v23.ttl) == ("nb", "2.3", 0)
+    assert (v23.language, v23.version, v23.ttl_secs) == ("nb", "2.3", 0)
     v30 = gbfs.parse_discovery((SPEC / "v3.0" / "gbfs.json").read_bytes())
     assert (v30.language, v30.version) == (None, "3.0")
     assert set(v30.feeds) == {
@@ -168,7 +148,7 @@ def test_no_last_updated_uses_fetch_time_and_reports_none() -> None:
     ).encode()
     snapshot = gbfs.parse_station_status(body, "x", None, 1_700_000_500.2)
     assert snapshot.last_updated is None
-    assert snapshot.ttl == 3600
+    assert snapshot.ttl_secs == 3600
     assert snapshot.rows[0][2] == 1_700_000_500
     assert snapshot.rows[0][0] == (("station_id", "5"), ("system", "x"))
 

@@ -112,7 +112,7 @@ def test_400_is_rejected_with_the_servers_message_and_not_retried(
     assert sleeps == []
     rejected = [r for r in caplog.records if r.getMessage() == "write_rejected"]
     assert len(rejected) == 1
-    assert "unable to parse 'no-fields-here'" in rejected[0].detail  # type: ignore[attr-defined]
+    assert "unable to parse 'no-fields-here'" in rejected[0].detail  # type: ignore[attr-defined]  # fields set by logs.event
 
 
 def test_unknown_bucket_is_rejected_with_message(influx2: FakeInfluxDB2) -> None:

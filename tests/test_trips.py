@@ -21,7 +21,7 @@ TRIPS = DATA / "trips"
 
 
 def _flows(*paths: Path, **options: object) -> Flows:
-    flows, progress = Flows(**options), Progress()  # type: ignore[arg-type]
+    flows, progress = Flows(**options), Progress()  # type: ignore[arg-type]  # each test's own Flows options
     replay.read_flows(paths, flows, progress, None)
     return flows
 

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -34,7 +34,7 @@ def make_server(app: WsgiApp, host: str = "127.0.0.1", port: int = 0) -> Threadi
                 "PATH_INFO": path,
                 "QUERY_STRING": query,
                 "SERVER_NAME": host,
-                "SERVER_PORT": str(self.server.server_address[1]),
+                "SERVER_PORT": str(cast(ThreadingHTTPServer, self.server).server_port),
                 "SERVER_PROTOCOL": self.request_version,
                 "wsgi.input": io.BytesIO(self.rfile.read(length)),
                 "wsgi.errors": sys.stderr,
@@ -102,7 +102,8 @@ class Background:
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
+        # An AF_INET server: its address is (host, port), the host a str.
+        host, port = cast(tuple[str, int], self.server.server_address[:2])
         return f"http://{host}:{port}"
 
     def start(self) -> str:

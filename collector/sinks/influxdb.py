@@ -313,7 +313,7 @@ class InfluxV1Writer(InfluxWriter):
             params["db"] = database
         resp = self._request("POST", "/query", data=params)
         self._check(resp, (200,))
-        results = resp.json().get("results", [])
+        results: list[dict[str, Any]] = resp.json().get("results", [])
         for result in results:
             if "error" in result:
                 raise Failure("rejected", f"InfluxQL error: {result['error']}", stage="write")
@@ -357,7 +357,7 @@ class InfluxV2Writer(InfluxWriter):
             return func()
         except ApiException as exc:
             status = exc.status or 0
-            headers = exc.headers or {}
+            headers: Mapping[str, str] = exc.headers or {}
             raise Failure(
                 kind_of_status(status),
                 f"{what}: HTTP {status}: {_server_message(exc.body)}",

@@ -88,8 +88,12 @@ def parse_reading(
     person = None
     if keep_person:
         disabled = doc.get("disabled")
+        firstname, lastname = (
+            doc.get(k) if type(doc.get(k)) is str else None for k in ("firstname", "lastname")
+        )
         person = Person(
-            *(doc.get(k) if type(doc.get(k)) is str else None for k in ("firstname", "lastname")),
+            firstname,
+            lastname,
             birthdate=None if doc.get("birthdate") is None else str(doc.get("birthdate")),
             disabled=disabled if type(disabled) is bool else None,
         )
@@ -137,7 +141,7 @@ def rows(reading: Reading) -> tuple[list[Row], list[Row]]:
     """(pressure rows: one per sensor, anomaly rows: one per flagged sensor)."""
     tags = sensor_tags(reading.patient_id)
     time_ms = reading.time_ms
-    pressure = [
+    pressure: list[Row] = [
         (tags[i], (reading.anomalies[i], reading.values[i]), time_ms) for i in range(len(SENSORS))
     ]
     anomalies = [row for row, flagged in zip(pressure, reading.anomalies, strict=True) if flagged]

@@ -26,17 +26,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, TypeAlias
 from zoneinfo import ZoneInfo
 
 from collector.contract import STATION_FLOW
-from collector.lineprotocol import Row
+from collector.lineprotocol import FieldValue, Tags
 
 assert STATION_FLOW.field_names == ("docks", "lat", "lon", "name", "net", "undocks")
+
+if TYPE_CHECKING:  # typeshed's name for what readinto may fill
+    from _typeshed import WriteableBuffer
 
 BAD_ROW_KINDS = ("no_end_station", "no_start_station", "negative_duration", "bad_time", "short_row")
 _DOCK = 1 << 32  # a count's value packs docks in the high half, undocks in the low half
 TICK_ROWS = 4096  # progress is offered this often while reading
+# A station_flow row: unlike a general Row, its time is always there (the minute).
+FlowRow: TypeAlias = tuple[Tags, tuple[FieldValue | None, ...], int]
 
 
 class TripFileError(Exception):
@@ -113,15 +118,15 @@ class _Counting(io.RawIOBase):
     """Counts bytes read from a binary file into ``progress`` as they are read, so that the
     ETA moves while a file is being read, not once it is closed."""
 
-    def __init__(self, raw: IO[bytes], progress: Progress) -> None:
+    def __init__(self, raw: io.BufferedReader, progress: Progress) -> None:
         self._raw = raw
         self._progress = progress
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        n = self._raw.readinto(buffer)
         self._progress.bytes_read += n or 0
         return n
 
@@ -152,7 +157,7 @@ def open_texts(path: Path, progress: Progress) -> Iterator[IO[str]]:
     raw = _Counting(path.open("rb"), progress)
     try:
         if path.suffix == ".zip":
-            with zipfile.ZipFile(raw) as archive:  # type: ignore[arg-type]
+            with zipfile.ZipFile(raw) as archive:
                 members = [
                     m
                     for m in archive.namelist()
@@ -164,7 +169,7 @@ def open_texts(path: Path, progress: Progress) -> Iterator[IO[str]]:
                     with archive.open(member) as binary:
                         yield io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
         elif path.suffix == ".gz":
-            with gzip.GzipFile(fileobj=raw) as binary:  # type: ignore[arg-type]
+            with gzip.GzipFile(fileobj=raw) as binary:
                 yield io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
         else:
             yield io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig", newline="")
@@ -348,7 +353,7 @@ class Flows:
 
     def rows(
         self, system: str, *, by_minute: bool = False, rename: Callable[[str], str] = lambda s: s
-    ) -> Iterator[tuple[int, Row]]:
+    ) -> Iterator[tuple[int, FlowRow]]:
         """(epoch minute, station_flow row), every (station, minute) with a dock or undock."""
         tags_of: list[tuple[tuple[str, str], ...]] = [
             (("station_id", rename(station_id)), ("system", system))

@@ -74,22 +74,27 @@ def load_document(body: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+def _ttl_secs(doc: dict[str, Any]) -> int | None:
+    """The document's ``ttl`` in seconds, None when absent or not a count."""
+    ttl = doc.get("ttl")
+    return ttl if type(ttl) is int and ttl >= 0 else None
+
+
 def parse_timestamp(value: object) -> int | None:
     """Epoch seconds from a POSIX number, a millisecond epoch or an RFC3339 string.
 
     Real feeds send all three, and RFC3339 with a space instead of ``T``. Returns None for
     anything else, including booleans.
     """
-    kind = type(value)
-    if kind is int:
+    if type(value) is int:
         seconds = value
-    elif kind is float:
-        if not math.isfinite(value):  # type: ignore[arg-type]
+    elif type(value) is float:
+        if not math.isfinite(value):
             return None
-        seconds = int(value)  # type: ignore[arg-type]
-    elif kind is str:
-        text = value.strip()  # type: ignore[attr-defined]
-        if text.isdigit():
+        seconds = int(value)
+    elif type(value) is str:
+        text = value.strip()
+        if text.isascii() and text.isdigit():  # "²".isdigit(), yet int("²") raises
             seconds = int(text)
         else:
             try:
@@ -103,16 +108,16 @@ def parse_timestamp(value: object) -> int | None:
         return None
     if seconds > 100_000_000_000:  # milliseconds: 1e11 s is the year 5138
         seconds //= 1000
-    return seconds  # type: ignore[return-value]
+    return seconds
 
 
 def _text(value: object, language: str | None) -> str | None:
     """A plain string, or the right entry of a 3.0 localized ``[{text, language}]`` list."""
     if type(value) is str:
-        return value  # type: ignore[return-value]
+        return value
     if type(value) is list and value:
         chosen = None
-        for entry in value:  # type: ignore[attr-defined]
+        for entry in value:
             if type(entry) is dict and type(entry.get("text")) is str:
                 if chosen is None or entry.get("language") == language:
                     chosen = entry["text"]
@@ -124,10 +129,9 @@ def _text(value: object, language: str | None) -> str | None:
 
 def _station_id(value: object) -> str | None:
     # Vélib' sends integer ids; the tag is always the decimal string.
-    kind = type(value)
-    if kind is str:
-        return value or None  # type: ignore[return-value]
-    if kind is int:
+    if type(value) is str:
+        return value or None
+    if type(value) is int:
         return str(value)
     return None
 
@@ -140,7 +144,7 @@ class Discovery:
     version: str | None
     language: str | None
     feeds: dict[str, str]
-    ttl: int | None
+    ttl_secs: int | None
 
 
 def parse_discovery(body: bytes, language: str | None = None) -> Discovery:
@@ -166,12 +170,11 @@ def parse_discovery(body: bytes, language: str | None = None) -> Discovery:
         if type(feed) is dict and type(feed.get("name")) is str and type(feed.get("url")) is str
     }
     version = doc.get("version")
-    ttl = doc.get("ttl")
     return Discovery(
         version=version if type(version) is str else None,
         language=chosen,
         feeds=urls,
-        ttl=ttl if type(ttl) is int and ttl >= 0 else None,
+        ttl_secs=_ttl_secs(doc),
     )
 
 
@@ -215,17 +218,16 @@ class Catalog:
     """Static station facts from station_information, keyed by station_id."""
 
     stations: dict[str, Station]
-    ttl: int | None = None
+    ttl_secs: int | None = None
     quality: Counter[str] = field(default_factory=Counter)
 
 
 def _coordinate(value: object, limit: float) -> float | None:
-    kind = type(value)
-    if kind is float or kind is int:
-        number = float(value)  # type: ignore[arg-type]
-    elif kind is str:
+    if type(value) is float or type(value) is int:
+        number = float(value)
+    elif type(value) is str:
         try:
-            number = float(value)  # type: ignore[arg-type]
+            number = float(value)
         except ValueError:
             return None
     else:
@@ -266,8 +268,7 @@ def parse_station_information(body: bytes, system: str, language: str | None = N
             short_name=_text(raw.get("short_name"), language),
             facts=(capacity, lat, lon, _text(raw.get("name"), language)),
         )
-    ttl = doc.get("ttl")
-    return Catalog(stations, ttl if type(ttl) is int and ttl >= 0 else None, quality)
+    return Catalog(stations, _ttl_secs(doc), quality)
 
 
 # -------------------------------------------------------------------------- station status
@@ -279,7 +280,7 @@ class Snapshot:
 
     rows: list[Row]
     last_updated: int | None  # the feed's own time, when it gave a plausible one
-    ttl: int | None
+    ttl_secs: int | None
     quality: Counter[str]
 
 
@@ -305,17 +306,17 @@ _INVALID = object()
 
 def _count(value: object) -> Any:
     """An int count, None when absent, or _INVALID."""
-    kind = type(value)
-    if kind is int:
+    if type(value) is int:
         return value
     if value is None:
         return None
-    if kind is float and value.is_integer():  # type: ignore[attr-defined]
-        return int(value)  # type: ignore[arg-type]
+    if type(value) is float and value.is_integer():
+        return int(value)
     return _INVALID
 
 
-_FLAGS = {True: True, False: False}  # 1 == True and 0 == False, so 0/1 ints map too
+# 1 == True and 0 == False, so 0/1 ints map too.
+_FLAGS: dict[object, bool] = {True: True, False: False}
 _NO_FACTS = (None, None, None, None)
 
 
@@ -350,7 +351,7 @@ def _ebikes(raw: dict[str, Any], ebike_types: frozenset[str] | None) -> Any:
 
 def _flag(raw: dict[str, Any], key: str, quality: Counter[str]) -> bool | None:
     value = raw.get(key)
-    flag = _FLAGS.get(value) if type(value) in (bool, int) else None  # type: ignore[call-overload]
+    flag = _FLAGS.get(value) if type(value) in (bool, int) else None
     if flag is None and value is not None:
         quality["invalid_value"] += 1
     return flag
@@ -380,7 +381,6 @@ def parse_station_status(
         raise schema_failure("station_status", "no stations list")
     last_updated = plausible_time(parse_timestamp(doc.get("last_updated")), fetched_at)
     timestamp = last_updated if last_updated is not None else int(fetched_at)
-    ttl = doc.get("ttl")
 
     known = catalog.stations if catalog is not None else {}
     quality: Counter[str] = Counter()
@@ -458,7 +458,7 @@ def parse_station_status(
         if station is None:
             if catalog is not None:
                 quality["unknown_station"] += 1
-            tags = (("station_id", station_id), ("system", system))
+            tags: Tags = (("station_id", station_id), ("system", system))
             capacity, lat, lon, name = _NO_FACTS
         else:
             tags = station.tags
@@ -487,4 +487,4 @@ def parse_station_status(
                 timestamp,
             )
         )
-    return Snapshot(rows, last_updated, ttl if type(ttl) is int and ttl >= 0 else None, quality)
+    return Snapshot(rows, last_updated, _ttl_secs(doc), quality)

@@ -73,7 +73,7 @@ class GbfsSystem:
         self._ebike_types: frozenset[str] | None = None
         self._validators: dict[str, Validators] = {}
         self._status_at = float("-inf")
-        self._status_ttl = 0.0
+        self._status_ttl_secs = 0.0
         self._last_updated: int | None = None
         self._failures = 0
         self._not_before = float("-inf")
@@ -109,7 +109,7 @@ class GbfsSystem:
         feeds = self._discover()
         if now - self._catalog_at >= self._info_refresh_secs():
             errors.extend(self._refresh_catalog(feeds, now))
-        if now - self._status_at < self._status_ttl:
+        if now - self._status_at < self._status_ttl_secs:
             return Poll("fresh", errors=errors)
 
         url = feeds["station_status"]
@@ -121,7 +121,7 @@ class GbfsSystem:
             response.body, self.name, self._catalog, now, self._ebike_types
         )
         self._validators[url] = response.validators
-        self._status_ttl = min(float(snapshot.ttl or 0), self.settings.max_ttl_secs)
+        self._status_ttl_secs = min(float(snapshot.ttl_secs or 0), self.settings.max_ttl_secs)
         if snapshot.quality["unknown_station"] and now - self._catalog_at >= MIN_INFO_REFRESH_SECS:
             self._catalog_at = float("-inf")  # new stations appeared: fetch their facts next poll
         quality = snapshot.quality
@@ -157,7 +157,7 @@ class GbfsSystem:
         return response
 
     def _info_refresh_secs(self) -> float:
-        ttl = self._catalog.ttl if self._catalog is not None and self._catalog.ttl else 0
+        ttl = self._catalog.ttl_secs if self._catalog is not None and self._catalog.ttl_secs else 0
         return min(self.settings.info_refresh_secs, max(float(ttl), MIN_INFO_REFRESH_SECS))
 
     def _discover(self) -> dict[str, str]:
@@ -165,11 +165,12 @@ class GbfsSystem:
             return self._feeds
         settings = self.settings
         if settings.url is None:
-            feeds = {"station_status": settings.station_status_url}
-            if settings.station_information_url:
-                feeds["station_information"] = settings.station_information_url
-            if settings.vehicle_types_url:
-                feeds["vehicle_types"] = settings.vehicle_types_url
+            given = {
+                "station_status": settings.station_status_url,
+                "station_information": settings.station_information_url,
+                "vehicle_types": settings.vehicle_types_url,
+            }
+            feeds = {name: url for name, url in given.items() if url}
         else:
             response = self._get("discovery", settings.url, self._clock())
             assert response.body is not None  # no validators sent, so never a 304
