@@ -8,23 +8,19 @@ import math
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from collector import __version__, logs, replay, settings
 from collector.archive import open_archive
-from collector.contract import ANOMALY, EVENTS, PRESSURE, STATION_STATUS, TRIPS_BUCKET
+from collector.contract import TRIPS_BUCKET
 from collector.http import redact_url
 from collector.retry import Failure
 from collector.scheduler import Scheduler
-from collector.sinks import spool as spooling
 from collector.sinks.base import AuthError, Fatal, Sink
-from collector.sinks.influxdb import InfluxWriter, api_mismatch, make_writer
+from collector.sinks.influxdb import make_writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolBusy, SpoolingSink
 from collector.sinks.stdout import StdoutSink
-from collector.sources.gbfs import GbfsSystem
-from collector.sources.pressure import PatientPoller
 from collector.sources.trips import Flows, Progress, TripFileError
 from collector.telemetry import Counters
 
@@ -305,7 +301,22 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
     flows, progress = Flows(timezone=args.timezone), Progress()
     bar = replay.ProgressLine()
     try:
-        return _replay_flows(args, flows, progress, bar, writer, retention, rename, stop)
+        outcome = replay.replay_trips(
+            args.files,
+            flows,
+            progress,
+            bar,
+            StdoutSink() if writer is None else writer,
+            system=args.system,
+            speed=args.speed,
+            shift_to_now=args.shift_to_now,
+            retention=retention,
+            rename=rename,
+            stop=stop,
+        )
+        # A live replay ends with Ctrl-C by design; a stopped backfill is incomplete.
+        incomplete = outcome.stopped and args.speed is None
+        return EXIT_FAILURES if outcome.rows_failed or incomplete else EXIT_OK
     except (TripFileError, replay.PreflightError) as exc:
         return _fail(exc)
     except replay.Stopped:
@@ -427,70 +438,6 @@ def _replay_options_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _replay_flows(
-    args: argparse.Namespace,
-    flows: Flows,
-    progress: Progress,
-    bar: replay.ProgressLine,
-    writer: InfluxWriter | None,
-    retention: replay.Retention | None,
-    rename: Callable[[str], str],
-    stop: threading.Event,
-) -> int:
-    replay.read_flows(args.files, flows, progress, bar, stop=stop.is_set)
-    logs.event(
-        log,
-        logging.INFO,
-        "trips_read",
-        trips=flows.trips,
-        rows=progress.rows,
-        stations=len(flows.stations),
-        bad=",".join(f"{k}:{n}" for k, n in sorted(flows.bad.items())) or None,
-    )
-    source = ", ".join(str(p) for p in args.files)
-    span = flows.span()
-    if span is None:
-        return _fail(f"{source}: no usable trip in {progress.rows} rows")
-    shift_secs = 0
-    if args.shift_to_now:
-        shift_secs = (int(time.time()) // 60 - span[1]) * 60
-        logs.event(
-            log, logging.INFO, "replay_shift", offset_secs=shift_secs, detail="last minute = now"
-        )
-    if retention is not None and args.speed is None:  # a live replay stamps minutes with now
-        replay.check_retention(
-            retention,
-            span[0] * 60 + shift_secs,
-            span[1] * 60 + shift_secs,
-            source=source,
-            now=time.time(),
-            shift_option=None if args.shift_to_now else "--shift-to-now",
-            config_key=TRIPS_BUCKET,
-        )
-    sink = StdoutSink() if writer is None else writer
-    if args.speed is not None:
-        outcome = replay.live(
-            flows, sink, args.system, args.speed, rename, sleep=stop.wait, stop=stop.is_set, bar=bar
-        )
-    else:
-        outcome = replay.backfill(
-            flows, sink, args.system, rename, shift_secs=shift_secs, bar=bar, stop=stop.is_set
-        )
-    stopped = outcome.stopped or stop.is_set()
-    logs.event(
-        log,
-        logging.WARNING if stopped else logging.INFO,
-        "replay_stopped" if stopped else "replay_done",
-        trips=outcome.trips,
-        written=outcome.rows_written,
-        failed=outcome.rows_failed,
-        minutes=outcome.minutes or None,
-    )
-    # A live replay ends with Ctrl-C by design; a stopped backfill is incomplete.
-    incomplete = stopped and args.speed is None
-    return EXIT_FAILURES if outcome.rows_failed or incomplete else EXIT_OK
-
-
 def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
     from collector.provision.influxdb import setup
 
@@ -523,99 +470,9 @@ def _dashboards(config: settings.Settings, args: argparse.Namespace) -> int:
 
 
 def _check(config: settings.Settings, args: argparse.Namespace) -> int:
-    """Prove what ``run`` needs: the server speaks the configured API, the credentials may
-    write to every bucket the collector writes, and every feed and patient answers."""
-    ok = _check_database(config)
-    print(_spool_report(config))
-    if not config.gbfs.systems:
-        print("gbfs: no system configured")
-    for system_settings in config.gbfs.systems:
-        ok = _check_system(system_settings) and ok
-    if config.pressure.url:
-        ok = _check_patients(config.pressure) and ok
-    else:
-        print("pressure: no url configured")
-    return EXIT_OK if ok else EXIT_FAILURES
+    from collector.check import check
 
-
-def _written_buckets(config: settings.Settings) -> list[str]:
-    buckets = [STATION_STATUS.bucket] if config.gbfs.systems else []
-    if config.pressure.url:
-        buckets += [PRESSURE.bucket, ANOMALY.bucket]
-    return [*buckets, EVENTS.bucket]
-
-
-def _check_database(config: settings.Settings) -> bool:
-    db = config.influxdb
-    print(f"influxdb: {db.api} {redact_url(db.url)}", end=" ... ", flush=True)
-    writer = make_writer(db, bucket_names=config.buckets.names())
-    try:
-        version = writer.ping()
-        mismatch = api_mismatch(db.api, version)
-        if mismatch:
-            print(f"FAILED: {mismatch}")
-            return False
-        problems = []
-        for bucket in _written_buckets(config):
-            try:
-                writer.probe(bucket)
-            except (Failure, AuthError) as exc:
-                problems.append(str(exc))
-        if problems:
-            print(f"FAILED (version {version}):")
-            for problem in dict.fromkeys(problems):
-                print(f"  {problem}")
-            return False
-        print(f"ok (version {version}; may write to {', '.join(_written_buckets(config))})")
-        return True
-    except Failure as failure:
-        print(f"FAILED: {failure}")
-        return False
-    finally:
-        writer.close()
-
-
-def _check_system(system_settings: settings.GbfsSystemSettings) -> bool:
-    system = GbfsSystem(system_settings)
-    print(f"gbfs {system.name}:", end=" ", flush=True)
-    try:
-        poll = system.poll()
-    except Failure as failure:
-        print(f"FAILED at {failure.stage}: {failure}")
-        return False
-    finally:
-        system.close()
-    age = f", data {time.time() - poll.feed_time:.0f}s old" if poll.feed_time else ""
-    quality = ", ".join(f"{k} {n}" for k, n in sorted(poll.quality.items()))
-    if system_settings.url is None:
-        version = "(direct feed URLs, no gbfs.json)"
-    else:
-        version = system.version or "1.0 (gbfs.json has no version)"
-    print(
-        f"ok, GBFS {version}, {poll.stations} stations{age}"
-        + (f"; data-quality faults: {quality}" if quality else "")
-    )
-    for error in poll.errors:
-        print(f"  warning: {error}")
-    return True
-
-
-def _check_patients(source: settings.PressureSettings) -> bool:
-    ok = True
-    for patient in source.patients:
-        poller = PatientPoller(source, patient)
-        print(f"pressure {poller.name}:", end=" ", flush=True)
-        try:
-            reading = poller.poll()
-        except Failure as failure:
-            ok = False
-            print(f"FAILED at {failure.stage}: {failure}")
-            continue
-        finally:
-            poller.close()
-        flagged = sum(reading.anomalies)
-        print(f"ok, {len(reading.values)} sensors" + (f", {flagged} flagged" if flagged else ""))
-    return ok
+    return EXIT_OK if check(config) else EXIT_FAILURES
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -654,12 +511,6 @@ def _simulate(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return EXIT_OK
-
-
-def _spool_report(config: settings.Settings) -> str:
-    if not config.spool.enabled:
-        return "spool: disabled (failed writes are lost after their retries)"
-    return f"spool: {spooling.describe(config.spool.dir)}"
 
 
 if __name__ == "__main__":

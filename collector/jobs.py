@@ -65,7 +65,8 @@ class PollSummary:
 
 class Job(Protocol):
     name: str
-    kind: str  # counted in the start-up log line: "systems", "patients"
+    kind: str  # the kind of source ("gbfs"): the start-up log counts jobs by it
+    buckets: tuple[str, ...]  # what it writes to (contract names): `collector check` probes them
     interval_secs: float
     jitter_secs: float
     start_secs: float  # epoch seconds of the first run
@@ -73,6 +74,11 @@ class Job(Protocol):
     def run(self) -> PollSummary:
         """One poll, written (or queued for writing) before it returns. Raises ``AuthError``
         when the database refuses the credentials; anything else it raises is a bug."""
+        ...
+
+    def check(self) -> str:
+        """One poll that writes nothing, for ``collector check``: what the source said (lines
+        after the first are warnings). Raises ``Failure`` when it cannot be polled."""
         ...
 
     def abort(self) -> None:
@@ -108,7 +114,8 @@ class GbfsJob:
     def __init__(self, system: GbfsSystem, sink: Sink, counters: Counters) -> None:
         self.system = system
         self.name = system.name
-        self.kind = "systems"
+        self.kind = "gbfs"
+        self.buckets: tuple[str, ...] = (STATION_STATUS.bucket,)
         self.interval_secs = system.settings.interval_secs
         self.jitter_secs = min(self.interval_secs / 10, MAX_GBFS_JITTER_SECS)
         self.start_secs = time.time()
@@ -161,6 +168,20 @@ class GbfsJob:
         ok = not (report.rejected or report.failed)
         return PollSummary(name, ok, poll.outcome, report.written)
 
+    def check(self) -> str:
+        system = self.system
+        poll = system.poll()
+        age = f", data {time.time() - poll.feed_time:.0f}s old" if poll.feed_time else ""
+        quality = ", ".join(f"{k} {n}" for k, n in sorted(poll.quality.items()))
+        if system.settings.url is None:
+            version = "(direct feed URLs, no gbfs.json)"
+        else:
+            version = system.version or "1.0 (gbfs.json has no version)"
+        said = f"ok, GBFS {version}, {poll.stations} stations{age}"
+        if quality:
+            said += f"; data-quality faults: {quality}"
+        return "\n".join([said, *(f"  warning: {error}" for error in poll.errors)])
+
     def abort(self) -> None:
         self.system.abort()
 
@@ -188,7 +209,9 @@ class PatientJob:
     ) -> None:
         self.poller = poller
         self.name = poller.name
-        self.kind = "patients"
+        self.kind = "pressure"
+        # PATIENT rows go to PRESSURE's bucket.
+        self.buckets: tuple[str, ...] = (PRESSURE.bucket, ANOMALY.bucket)
         self.interval_secs = interval_secs
         self.jitter_secs = 0.0  # the cadence is the point: every patient on the same slots
         self.start_secs = start_secs
@@ -237,6 +260,11 @@ class PatientJob:
             ok = ok and not (report.rejected or report.failed)
         return PollSummary(name, ok, "new", written)
 
+    def check(self) -> str:
+        reading = self.poller.poll()
+        flagged = sum(reading.anomalies)
+        return f"ok, {len(reading.values)} sensors" + (f", {flagged} flagged" if flagged else "")
+
     def abort(self) -> None:
         self.poller.abort()
 
@@ -251,6 +279,7 @@ class TelemetryJob:
     the end. A job of its own: a slow database delays these reports, never the sources."""
 
     name = kind = "telemetry"
+    buckets: tuple[str, ...] = (EVENTS.bucket,)
     jitter_secs = 0.0
 
     def __init__(
@@ -294,6 +323,9 @@ class TelemetryJob:
         since = {k: v - self._patients_logged.get(k, 0) for k, v in totals.items()}
         self._patients_logged = totals
         event(log, logging.INFO, "patients", patients=len(self._patients), **since)
+
+    def check(self) -> str:
+        return "ok"  # its own counts: nothing outside to ask
 
     def abort(self) -> None:
         pass

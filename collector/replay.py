@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import TextIO
 
-from collector.contract import STATION_FLOW, Precision
+from collector.contract import STATION_FLOW, TRIPS_BUCKET, Precision
 from collector.http import redact_url
 from collector.lineprotocol import Encoder, Row
 from collector.logs import event
@@ -27,7 +28,7 @@ from collector.settings import InfluxDBSettings, Settings
 from collector.sinks.base import Sink, WriteReport
 from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, make_writer
 from collector.sources import gbfs
-from collector.sources.trips import Flows, Progress, read_file
+from collector.sources.trips import Flows, Progress, TripFileError, read_file
 
 log = logging.getLogger(__name__)
 CHUNK = 5000
@@ -450,4 +451,71 @@ def live(
             )
     if bar is not None:
         bar.update("replaying", outcome.minutes, unit="minutes", final=True)
+    return outcome
+
+
+def replay_trips(
+    paths: Sequence[Path],
+    flows: Flows,
+    progress: Progress,
+    bar: ProgressLine,
+    sink: Sink,
+    *,
+    system: str,
+    speed: float | None,
+    shift_to_now: bool,
+    retention: Retention | None,
+    rename: Callable[[str], str],
+    stop: threading.Event,
+) -> TripReplayResult:
+    """``collector replay trips``: read every file, check the span against ``retention``
+    (None: not asked, a dry run), then write as a backfill or live at ``speed``. Raises
+    ``TripFileError`` when no trip is usable, ``PreflightError`` when the bucket's retention
+    would drop some, ``Stopped`` when a signal came while reading."""
+    read_flows(paths, flows, progress, bar, stop=stop.is_set)
+    event(
+        log,
+        logging.INFO,
+        "trips_read",
+        trips=flows.trips,
+        rows=progress.rows,
+        stations=len(flows.stations),
+        bad=",".join(f"{k}:{n}" for k, n in sorted(flows.bad.items())) or None,
+    )
+    source = ", ".join(str(p) for p in paths)
+    span = flows.span()
+    if span is None:
+        raise TripFileError(f"{source}: no usable trip in {progress.rows} rows")
+    shift_secs = 0
+    if shift_to_now:
+        shift_secs = (int(time.time()) // 60 - span[1]) * 60
+        event(log, logging.INFO, "replay_shift", offset_secs=shift_secs, detail="last minute = now")
+    if retention is not None and speed is None:  # a live replay stamps minutes with now
+        check_retention(
+            retention,
+            span[0] * 60 + shift_secs,
+            span[1] * 60 + shift_secs,
+            source=source,
+            now=time.time(),
+            shift_option=None if shift_to_now else "--shift-to-now",
+            config_key=TRIPS_BUCKET,
+        )
+    if speed is not None:
+        outcome = live(
+            flows, sink, system, speed, rename, sleep=stop.wait, stop=stop.is_set, bar=bar
+        )
+    else:
+        outcome = backfill(
+            flows, sink, system, rename, shift_secs=shift_secs, bar=bar, stop=stop.is_set
+        )
+    outcome.stopped = outcome.stopped or stop.is_set()
+    event(
+        log,
+        logging.WARNING if outcome.stopped else logging.INFO,
+        "replay_stopped" if outcome.stopped else "replay_done",
+        trips=outcome.trips,
+        written=outcome.rows_written,
+        failed=outcome.rows_failed,
+        minutes=outcome.minutes or None,
+    )
     return outcome
