@@ -39,6 +39,8 @@ from collector.contract import ANOMALY, PATIENT, PRESSURE, STATION_STATUS, Preci
 from collector.http import redact_url
 from collector.lineprotocol import Encoder
 from collector.logs import event
+from collector.replay import PreflightError
+from collector.replay import retention_preflight as bucket_preflight
 from collector.retry import Failure
 from collector.settings import ArchiveSettings, ConfigError, Settings
 from collector.sinks.base import Sink
@@ -439,6 +441,46 @@ class ReplayOutcome:
     unparsable: Counter[str] = field(default_factory=Counter)  # "source:kind" -> responses
     corrupt: list[str] = field(default_factory=list)  # one message per file skipped
     truncated: list[Path] = field(default_factory=list)
+
+    @property
+    def failed_any(self) -> bool:
+        """Whether the replay left something out that a person must look at."""
+        return bool(self.corrupt or self.rejected or self.failed)
+
+    def log(self) -> None:
+        event(
+            log,
+            logging.INFO,
+            "replay_done",
+            files=self.files,
+            records=self.records,
+            written=self.written,
+            spooled=self.spooled or None,
+            rejected=self.rejected,
+            failed=self.failed,
+            unparsable=",".join(f"{k}:{n}" for k, n in sorted(self.unparsable.items())) or None,
+            corrupt_files=len(self.corrupt) or None,
+            truncated_files=len(self.truncated) or None,
+        )
+
+
+def retention_preflight(
+    settings: Settings, spans: dict[str, tuple[float, float]], directory: Path
+) -> None:
+    """Raise ``PreflightError`` when a bucket's retention would drop some of ``spans``
+    (bucket -> oldest, newest record); ``Failure`` when the database cannot be asked."""
+    for bucket, (oldest, newest) in sorted(spans.items()):
+        try:
+            bucket_preflight(
+                settings.influxdb,
+                settings.buckets.of(bucket).name,
+                oldest,
+                newest,
+                source=f"archive {directory}",
+                config_key=bucket,
+            )
+        except PreflightError as exc:
+            raise PreflightError(f"{exc}; or replay a later range with --from") from None
 
 
 @dataclass(frozen=True)

@@ -344,17 +344,9 @@ def _replay_archive(config: settings.Settings, args: argparse.Namespace) -> int:
     files, spans = archive.verify(selection, outcome, keep_person=keep_person)
     if not args.dry_run:
         try:
-            for bucket, (oldest, newest) in sorted(spans.items()):
-                replay.retention_preflight(
-                    config.influxdb,
-                    config.buckets.of(bucket).name,
-                    oldest,
-                    newest,
-                    source=f"archive {directory}",
-                    config_key=bucket,
-                )
+            archive.retention_preflight(config, spans, directory)
         except replay.PreflightError as exc:
-            return _fail(f"{exc}; or replay a later range with --from")
+            return _fail(exc)
         except Failure as failure:
             return _unusable_database(config, failure)
     sink = StdoutSink() if args.dry_run else _replay_sink(config)
@@ -362,21 +354,8 @@ def _replay_archive(config: settings.Settings, args: argparse.Namespace) -> int:
         archive.replay(files, selection, sink, config, outcome)
     finally:
         sink.close()
-    logs.event(
-        log,
-        logging.INFO,
-        "replay_done",
-        files=outcome.files,
-        records=outcome.records,
-        written=outcome.written,
-        spooled=outcome.spooled or None,
-        rejected=outcome.rejected,
-        failed=outcome.failed,
-        unparsable=",".join(f"{k}:{n}" for k, n in sorted(outcome.unparsable.items())) or None,
-        corrupt_files=len(outcome.corrupt) or None,
-        truncated_files=len(outcome.truncated) or None,
-    )
-    return EXIT_FAILURES if outcome.corrupt or outcome.rejected or outcome.failed else EXIT_OK
+    outcome.log()
+    return EXIT_FAILURES if outcome.failed_any else EXIT_OK
 
 
 def _archive_options(args: argparse.Namespace) -> tuple[str | None, float | None, float | None]:

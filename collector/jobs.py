@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # At most this much jitter on a bike-share system's interval: spreads the systems' polls
 # without letting a long interval drift far from its cadence.
 MAX_GBFS_JITTER_SECS = 5.0
+# Patients' first slot, shared by all: this far after their jobs are made, time enough to add
+# them to the scheduler before it comes.
+PATIENT_START_DELAY_SECS = 0.05
 
 
 @dataclass
@@ -369,17 +372,19 @@ def build_jobs(
                 fatal=fatal,
                 flush_interval_secs=source.flush_interval_secs,
             )
-        start_secs = time.time() + 0.05
+        pollers = [PatientPoller(source, patient, archive=archive) for patient in source.patients]
+        # Once every session is made, so that the first slot is not spent making them.
+        start_secs = time.time() + PATIENT_START_DELAY_SECS
         jobs += [
             PatientJob(
-                PatientPoller(source, patient, archive=archive),
+                poller,
                 sink,
                 counters,
                 queue=queue,
                 interval_secs=source.interval_secs,
                 start_secs=start_secs,
             )
-            for patient in source.patients
+            for poller in pollers
         ]
         patients = [f"patient-{patient}" for patient in source.patients]
     return Jobs(jobs, TelemetryJob(settings, sink, counters, patients))

@@ -21,6 +21,11 @@ from collector.sinks.base import SinkMetrics, WriteReport
 
 __all__ = ["RESULTS", "STAGES", "Counters", "Stage"]
 
+# Rows are built in the contract's field order; fail at import if it ever changes.
+assert FEED.field_names == ("age_secs", "stations")
+assert WRITES.field_names == ("batches", "latency_ms_max", "latency_ms_mean")
+assert SPOOL.field_names == ("batches", "bytes", "dropped_lines", "lines", "oldest_age_secs")
+
 log = logging.getLogger(__name__)
 
 Stage = Literal["fetch", "parse", "write", "quality", "schedule", "anomaly", "archive", "poll"]
