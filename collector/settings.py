@@ -331,7 +331,19 @@ class GrafanaSettings(_Section):
     )
     reader_token_file: str = Field(
         default="/run/tokens/reader/influxdb-reader-token",
-        description="path (in Grafana) of the read-only token `collector setup` wrote",
+        description="InfluxDB 2.x (and 3.x): path (in Grafana) of the read-only token "
+        "`collector setup` wrote",
+    )
+    # InfluxDB 1.x has users, not tokens: Grafana's read-only user is its own, never the
+    # collector's `[influxdb] username` (a writer), and its password is no token.
+    reader_username: str | None = Field(
+        default=None,
+        description="InfluxDB 1.x: the read-only user Grafana logs in as; unset: no "
+        "authentication (a 1.x server with auth-enabled = false)",
+    )
+    reader_password_file: str = Field(
+        default="/run/secrets/influxdb-reader-password",
+        description="InfluxDB 1.x: path (in Grafana) of reader_username's password file",
     )
     webhook_url_env: str = Field(
         default="ALERT_WEBHOOK_URL", description="env var (in Grafana) holding the webhook URL"

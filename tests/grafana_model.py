@@ -12,18 +12,30 @@
   ``transformRowsForTimeSeries`` makes one frame per series and value column (``Time`` plus
   ``Value`` labelled with the series' tags); ``transformRowsForTable`` one frame for all
   series (``Time``, one string field per tag, then the value columns).
-- Frame kind: grafana-plugin-sdk-go ``data/frame.go`` ``(*Frame).TimeSeriesSchema``: no time
-  field -> not a time series; a string field -> long; otherwise wide.
-- Alert evaluation: ``pkg/expr/converter.go`` ``convertDataFramesToResults``: no frames ->
-  NoData; wide frames -> one series per numeric field with its labels; a long frame -> error
-  "input data must be a wide series but got type long". ``pkg/expr/nodes.go`` /
-  ``mathexp/reduce.go``: reduce each series to a number (``dropNN`` drops null/NaN);
-  ``threshold`` makes 1 or 0.
-- States: ``pkg/services/ngalert/state/manager.go`` / ``state.go``: an instance per label
-  set; Pending until ``for`` has passed, then Alerting; back to Normal (resolved) when the
-  condition is 0; an instance missing from two consecutive evaluations is stale and resolved
-  ("MissingSeries"); no data at all follows ``noDataState`` (OK -> Normal, Alerting,
-  KeepLast keeps each instance's state).
+- Frame kind: grafana-plugin-sdk-go ``data/time_series.go`` ``(*Frame).TimeSeriesSchema``:
+  string AND bool fields are factors, every other non-time field a value; no time field or no
+  value field -> "not"; factors and values -> "long"; values only -> "wide".
+- Alert evaluation: ``pkg/expr/converter.go`` ``(*ResultConverter).Convert``: no frames ->
+  NoData; a single "not" frame with exactly one numeric field and otherwise strings -> a
+  number set (labels from the string fields, ``isNumberTable`` / ``extractNumberSet``);
+  otherwise "not" frames of an InfluxDB datasource are skipped ("Ignoring InfluxDB data frame
+  due to missing numeric fields") and NoData if none remains; wide frames -> one series per
+  value field with its labels; a long frame -> error "input data must be a wide series but got
+  type long". ``pkg/expr/mathexp/reduce.go``: ``Sum`` of no value is 0, ``Last``/``Min``/
+  ``Max``/``Avg`` of none nil; mode ``dropNN`` drops null, NaN and +-Inf first; ``threshold``
+  makes 1, 0, or nil from nil.
+- Results: ``pkg/services/ngalert/eval/eval.go`` ``buildResult``: a nil condition value is a
+  NoData result for that instance, 0 Normal, anything else Alerting.
+- States: ``pkg/services/ngalert/state/manager.go`` ``setNextStateForRule``: when every result
+  is NoData and ``noDataState`` is Alerting, OK or KeepLast, ``setNextStateForAll`` applies
+  that NoData result to every existing instance (no new one); only when there is none does
+  the NoData result (labels: none but the rule's) make an instance. Otherwise one instance
+  per result; ``state.go`` ``resultNoData`` maps a NoData result by ``noDataState`` (Alerting
+  -> ``resultAlerting``, OK -> ``resultNormal``, KeepLast -> ``resultKeepLast``: Alerting
+  stays, Pending fires once ``for`` has passed, Normal stays). Pending until ``for`` has
+  passed, then Alerting; Normal (resolved) when the condition is 0.
+  ``processMissingSeriesStates``: an instance absent from two evaluations is stale and
+  resolved ("MissingSeries").
 """
 
 from __future__ import annotations
@@ -35,8 +47,8 @@ from typing import Any
 
 import requests
 
-# grafana-plugin-sdk-go backend/gtime FormatInterval: the largest whole unit.
 _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
+_YEAR_MS = 365 * 86_400_000
 # grafana-data rangeutil.ts roundInterval: the interval rounded to a "nice" value.
 _NICE_MS = (
     (15, 10),
@@ -71,10 +83,12 @@ _NICE_MS = (
 
 
 def format_interval(ms: int) -> str:
-    for unit, size in _UNITS:
-        if ms >= size and ms % size == 0:
+    """grafana-plugin-sdk-go ``backend/gtime/gtime.go`` ``FormatInterval``: the count of the
+    largest unit the interval reaches, truncated (90 s -> "1m"); 365 days and more in years."""
+    for unit, size in (("y", _YEAR_MS), *_UNITS):
+        if ms >= size:
             return f"{ms // size}{unit}"
-    return f"{ms}ms"
+    return "1ms"
 
 
 def parse_duration_ms(text: str) -> int:
@@ -138,19 +152,39 @@ def execute(url: str, db: str, query: str) -> dict[str, Any]:
     return result
 
 
+def write(url: str, db: str, lines: list[str]) -> None:
+    """Line protocol (precision s) into ``db``: what the scenarios give the server."""
+    requests.post(
+        f"{url}/write", params={"db": db, "precision": "s"}, data="\n".join(lines), timeout=5
+    ).raise_for_status()
+
+
 @dataclass
 class Frame:
     name: str
     fields: dict[str, list[Any]]  # "Time" first when there is one
     labels: dict[str, str] = field(default_factory=dict)
 
+    def field_type(self, name: str) -> str:
+        """ "time", "string", "bool" or "number": what the response parser's field holds."""
+        if name == "Time":
+            return "time"
+        column = self.fields[name]
+        # bool before number: Python's bool is an int.
+        if any(isinstance(v, str) for v in column):
+            return "string"
+        if any(isinstance(v, bool) for v in column):
+            return "bool"
+        return "number"
+
     @property
     def kind(self) -> str:
-        """Frame.TimeSeriesSchema: "not", "long" or "wide"."""
-        if "Time" not in self.fields:
+        """data/time_series.go TimeSeriesSchema: "not", "long" or "wide". String and bool
+        fields are factors (FactorIndices); a value field is any other non-time field."""
+        types = [self.field_type(name) for name in self.fields]
+        if "time" not in types or not any(t == "number" for t in types):
             return "not"
-        values = [v for name, col in self.fields.items() if name != "Time" for v in col]
-        if any(isinstance(v, str) for v in values):
+        if any(t in ("string", "bool") for t in types):
             return "long"
         return "wide"
 
@@ -197,22 +231,49 @@ class LongFrameError(Exception):
 NO_DATA = "NoData"
 
 
-def alert_series(found: list[Frame]) -> dict[tuple[tuple[str, str], ...], list[float | None]] | str:
-    """converter.go: label set -> values, NO_DATA, or LongFrameError."""
+Labels = tuple[tuple[str, str], ...]
+
+
+def _number_set(frame: Frame) -> dict[Labels, list[float | None]] | None:
+    """converter.go isNumberTable / extractNumberSet: one numeric field, the rest strings ->
+    one number per row, labelled by the string fields; None when the frame is not one."""
+    types = {name: frame.field_type(name) for name in frame.fields}
+    numeric = [name for name, t in types.items() if t == "number"]
+    if len(numeric) != 1 or any(t not in ("number", "string") for t in types.values()):
+        return None
+    strings = [name for name, t in types.items() if t == "string"]
+    return {
+        tuple(sorted((name, frame.fields[name][row]) for name in strings)): [value]
+        for row, value in enumerate(frame.fields[numeric[0]])
+    }
+
+
+def alert_series(found: list[Frame]) -> dict[Labels, list[float | None]] | str:
+    """converter.go (*ResultConverter).Convert for an InfluxDB datasource: label set ->
+    values, NO_DATA, or LongFrameError."""
     if not found:
         return NO_DATA
-    series: dict[tuple[tuple[str, str], ...], list[float | None]] = {}
+    if len(found) == 1 and found[0].kind == "not":
+        numbers = _number_set(found[0])
+        if numbers is not None:
+            return numbers
+    series: dict[Labels, list[float | None]] = {}
     for frame in found:
+        if frame.kind == "not":
+            continue  # "Ignoring InfluxDB data frame due to missing numeric fields"
         if frame.kind == "long":
             raise LongFrameError("input data must be a wide series but got type long")
-        if frame.kind == "not":
-            raise LongFrameError("not a time series")
-        series[tuple(sorted(frame.labels.items()))] = frame.fields["Value"]
-    return series
+        for name in frame.fields:
+            if frame.field_type(name) == "number":  # WideToMany: a series per value field
+                series[tuple(sorted(frame.labels.items()))] = frame.fields[name]
+    return series or NO_DATA
 
 
 def reduce(values: list[float | None], reducer: str) -> float | None:
-    kept = [v for v in values if v is not None and not math.isnan(v)]  # mode dropNN
+    # mode dropNN (mathexp/reduce.go DropNonNumber): null, NaN and +-Inf go first.
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    if reducer == "sum":
+        return float(sum(kept))  # reduce.go Sum: 0 for no value
     if not kept:
         return None
     match reducer:
@@ -222,16 +283,15 @@ def reduce(values: list[float | None], reducer: str) -> float | None:
             return min(kept)
         case "max":
             return max(kept)
-        case "sum":
-            return sum(kept)
         case "mean":
             return sum(kept) / len(kept)
     raise ValueError(reducer)
 
 
-def threshold(value: float | None, evaluator: str, limit: float) -> bool:
+def threshold(value: float | None, evaluator: str, limit: float) -> bool | None:
+    """1/0 as True/False; nil stays nil (eval.go buildResult then makes it NoData)."""
     if value is None:
-        return False
+        return None
     return value > limit if evaluator == "gt" else value < limit
 
 
@@ -258,47 +318,75 @@ class RuleModel:
         condition = threshold_node["model"]["conditions"][0]["evaluator"]
         self.evaluator, self.limit = condition["type"], condition["params"][0]
         self.for_ms = parse_duration_ms(rule["for"]) if rule["for"] != "0s" else 0
-        self.instances: dict[tuple[tuple[str, str], ...], Instance] = {}
+        self.instances: dict[Labels, Instance] = {}
+        self.stale: dict[Labels, Instance] = {}  # resolved as MissingSeries, then deleted
         self.no_data = False
 
-    def evaluate(self, at_ms: int) -> dict[tuple[tuple[str, str], ...], str]:
+    def evaluate(self, at_ms: int) -> dict[Labels, str]:
         ctx = Context(at_ms - self.range_ms, at_ms)
         result = execute(self.url, self.db, interpolate(self.query, ctx))
-        series = alert_series(frames(result, "time_series"))
-        self.no_data = series == NO_DATA
+        return self.apply(frames(result, "time_series"), at_ms)
+
+    def apply(self, found: list[Frame], at_ms: int) -> dict[Labels, str]:
+        """One evaluation of the query's frames at ``at_ms``."""
+        series = alert_series(found)
+        # eval.go buildResult: one result per instance, NoData (None) for a nil value.
+        outcomes: dict[Labels, bool | None]
         if series == NO_DATA:
-            mode = self.rule["noDataState"]
-            if mode == "KeepLast":
-                return self.states()
-            firing = mode == "Alerting"
-            series = {(("alertname", self.rule["title"]),): [1.0 if firing else 0.0]}
-            conditions = {key: firing for key in series}
+            outcomes = {(): None}  # the NoData result carries no label but the rule's
         else:
             assert isinstance(series, dict)
-            conditions = {
+            outcomes = {
                 key: threshold(reduce(values, self.reducer), self.evaluator, self.limit)
                 for key, values in series.items()
             }
-        for key, instance in self.instances.items():
-            if key not in conditions:
+        self.no_data = all(outcome is None for outcome in outcomes.values())
+        mode = self.rule["noDataState"]
+        if self.no_data and mode in ("Alerting", "OK", "KeepLast") and self.instances:
+            # manager.go setNextStateForRule -> setNextStateForAll: the NoData result is
+            # applied to every existing instance; none is created, none goes stale.
+            for instance in self.instances.values():
+                self._transition(instance, None, at_ms)
+            return self.states()
+        # processMissingSeriesStates: absent from two evaluations -> stale: resolved
+        # ("MissingSeries") and deleted from the cache (kept here in ``stale``).
+        for key, instance in list(self.instances.items()):
+            if key not in outcomes:
                 instance.missing += 1
-                if instance.missing >= 2:  # stale: resolved as MissingSeries
-                    instance.state, instance.resolved = "Normal", True
-        for key, firing in conditions.items():
+                if instance.missing >= 2:
+                    instance.resolved = instance.state == "Alerting"
+                    instance.state = "Normal"
+                    self.stale[key] = self.instances.pop(key)
+        for key, outcome in outcomes.items():
             instance = self.instances.setdefault(key, Instance())
             instance.missing = 0
-            if not firing:
-                instance.resolved = instance.state == "Alerting"
-                instance.state = "Normal"
-            elif instance.state == "Normal":
-                instance.state = "Pending" if self.for_ms else "Alerting"
-                instance.since_ms = at_ms
-            elif instance.state == "Pending" and at_ms - instance.since_ms >= self.for_ms:
-                instance.state = "Alerting"
+            self._transition(instance, outcome, at_ms)
         return self.states()
 
-    def states(self) -> dict[tuple[tuple[str, str], ...], str]:
+    def _transition(self, instance: Instance, outcome: bool | None, at_ms: int) -> None:
+        """state.go: Alerting/Normal results, and a NoData one by ``noDataState``
+        (resultNoData): Alerting -> resultAlerting, OK -> resultNormal, KeepLast ->
+        resultKeepLast (an Alerting or Pending instance goes on as if firing, Normal stays)."""
+        if outcome is None:
+            mode = self.rule["noDataState"]
+            if mode == "KeepLast":
+                outcome = instance.state in ("Pending", "Alerting")
+            elif mode in ("Alerting", "OK"):
+                outcome = mode == "Alerting"
+            else:
+                raise NotImplementedError(f"noDataState {mode}: not modelled")
+        instance.resolved = False
+        if not outcome:
+            instance.resolved = instance.state == "Alerting"
+            instance.state = "Normal"
+        elif instance.state == "Normal":
+            instance.state = "Pending" if self.for_ms else "Alerting"
+            instance.since_ms = at_ms
+        elif instance.state == "Pending" and at_ms - instance.since_ms >= self.for_ms:
+            instance.state = "Alerting"
+
+    def states(self) -> dict[Labels, str]:
         return {key: inst.state for key, inst in self.instances.items()}
 
-    def firing(self) -> set[tuple[tuple[str, str], ...]]:
+    def firing(self) -> set[Labels]:
         return {key for key, state in self.states().items() if state == "Alerting"}

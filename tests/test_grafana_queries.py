@@ -28,7 +28,15 @@ from collector.settings import GrafanaSettings, Settings, load
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
 from collector.telemetry import Counters
-from tests.grafana_model import Context, Frame, RuleModel, execute, frames, interpolate
+from tests.grafana_model import (
+    Context,
+    Frame,
+    RuleModel,
+    execute,
+    frames,
+    interpolate,
+    write,
+)
 from tests.support import (
     SHARED_FIXTURES,
     FeedServer,
@@ -47,8 +55,11 @@ SYSTEMS = {
     "citibike": "citibike-2019-v1.0",
     "velib": "velib-2024",
     "emptytown": "oslo-2022-v2.2-intbool",
+    "closedtown": "oslo-2022-v2.2-intbool",  # reporting, but no station renting or returning
+    "nodocks": "oslo-2022-v2.2-intbool",  # a feed that publishes no free docks
 }
 STEP_SECS = 300
+UNKNOWN_STATION = 99_999_999_999  # velib: in station_status only
 STEPS = 9  # 40 minutes of polls, 5 minutes apart
 PATIENTS = (1, 2)
 FILES = grafana.render(Settings())
@@ -62,6 +73,18 @@ DATASOURCES = {
 def _status(system: str, stamp: int) -> dict[str, Any]:
     doc = json.loads((FIXTURES / SYSTEMS[system] / "station_status.json").read_text())
     doc["last_updated"] = stamp
+    if system == "velib":
+        # A station in station_status but not in station_information (the collector's
+        # `unknown_station`): stored without a position.
+        doc["data"]["stations"].append(
+            {**doc["data"]["stations"][0], "station_id": UNKNOWN_STATION}
+        )
+    if system == "closedtown":  # every count is 0, none unknown
+        for station in doc["data"]["stations"]:
+            station["is_renting"] = station["is_returning"] = 0
+    if system == "nodocks":  # free docks unknown
+        for station in doc["data"]["stations"]:
+            del station["num_docks_available"]
     if system == "emptytown":  # most stations empty: the "many empty stations" case
         for index, station in enumerate(doc["data"]["stations"]):
             if index % 10 < 7:
@@ -331,7 +354,9 @@ def _expected(system: str, stamp: int) -> dict[str, Any]:
         "empty": sum(1 for s in renting if s["num_bikes_available"] == 0),
         "full": sum(
             1 for s in stations if on(s, "is_returning") and s.get("num_docks_available") == 0
-        ),
+        )
+        if any("num_docks_available" in s for s in stations)
+        else "unknown",
     }
 
 
@@ -354,11 +379,17 @@ def test_counts_equal_the_feed(filled: Filled, system: str) -> None:
         panel = stats[title]
         ctx = Context(*_range(filled, dashboard), {"system": system})
         query = interpolate(panel["targets"][0]["query"], ctx)
-        (frame,) = frames(execute(filled.influxd.url, "bikes", query), "time_series")
-        got[key] = frame.fields["Value"][-1]
+        found = frames(execute(filled.influxd.url, "bikes", query), "time_series")
+        # No frame: the stat shows its noValue text (Grafana's own default: "No data").
+        no_value = panel["fieldConfig"]["defaults"].get("noValue", "No data")
+        got[key] = found[0].fields["Value"][-1] if found else no_value
     assert got == expected
     if system == "emptytown":
-        assert expected["full"] == 0  # the case that used to show "No data"
+        assert expected["full"] == 0  # no station full: 0, not "No data"
+    if system == "closedtown":  # nothing matches the filters: 0, not "No data"
+        assert expected["bikes"] == expected["empty"] == expected["full"] == 0
+    if system == "nodocks":
+        assert expected["full"] == "unknown"
 
 
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
@@ -496,12 +527,7 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
         for system in collector.systems:
             collector.poll(system)
         lines = encoder.lines(collector.telemetry_rows(clock["now"])["feed"])[0]
-        requests.post(
-            f"{influxd.url}/write",
-            params={"db": db, "precision": "s"},
-            data="\n".join(lines),
-            timeout=5,
-        ).raise_for_status()
+        write(influxd.url, db, lines)
         if minute % 10 == 0:
             history.append((minute, model.evaluate(clock["now"] * 1000)))
     collector.close()
@@ -721,3 +747,50 @@ def test_nearby_stations_are_those_within_the_radius_nearest_first(filled: Fille
     assert table_panel["transformations"] == [
         {"id": "sortBy", "options": {"sort": [{"field": "distance_m", "desc": False}]}}
     ]
+
+
+def test_nearby_panels_parse_and_show_nothing_for_a_station_without_position(
+    filled: Filled,
+) -> None:
+    name = "dashboards/livestack/station-history.json"
+    dashboard = json.loads(FILES[name])
+    picked = _range(filled, name)
+    values: dict[str, str | list[str]] = {"system": "velib", "station": str(UNKNOWN_STATION)}
+    stations = filled.influxd.query(
+        f"SELECT last(bikes_available), last(lat) FROM station_status "
+        f"WHERE station_id = '{UNKNOWN_STATION}'",
+        "bikes",
+    )
+    assert stations and stations[0]["last"] is not None, "the collector stored its status"
+    assert stations[0]["last_1"] is None, "and no position"
+    for variable in dashboard["templating"]["list"]:
+        if variable["name"] in ("lat0", "lon0"):
+            query = interpolate(variable["query"], Context(*picked, values))
+            found = frames(execute(filled.influxd.url, "bikes", query), "time_series", query)
+            assert found == []  # Grafana: no option, the variable is empty
+            values[variable["name"]] = ""
+        elif variable["name"] == "radius_m":
+            values["radius_m"] = variable["query"]
+        elif variable["name"] == "colour_by":
+            values["colour_by"] = "bikes_available"
+    for kind in ("table", "geomap"):
+        panel = next(p for p in dashboard["panels"] if p["type"] == kind and "within" in p["title"])
+        query = interpolate(panel["targets"][0]["query"], Context(*picked, values))
+        result = execute(filled.influxd.url, "bikes", query)  # asserts it parses and runs
+        assert frames(result, "table") == [], kind
+    # A station with a position still finds itself (distance 0) through the same queries,
+    # west of Greenwich too (a negative longitude inside "(0${lon0})").
+    panel = next(p for p in dashboard["panels"] if p["type"] == "table" and "within" in p["title"])
+    for system in ("velib", "citibike"):
+        info = json.loads((FIXTURES / SYSTEMS[system] / "station_information.json").read_text())
+        station = info["data"]["stations"][0]
+        values.update(system=system, station=str(station["station_id"]))
+        for coordinate in ("lat0", "lon0"):
+            variable = next(v for v in dashboard["templating"]["list"] if v["name"] == coordinate)
+            query = interpolate(variable["query"], Context(*picked, values))
+            (frame,) = frames(execute(filled.influxd.url, "bikes", query), "time_series", query)
+            values[coordinate] = str(frame.fields["Value"][0])
+        query = interpolate(panel["targets"][0]["query"], Context(*picked, values))
+        (frame,) = frames(execute(filled.influxd.url, "bikes", query), "table")
+        nearest = min(zip(frame.fields["distance_m"], frame.fields["station_id"], strict=True))
+        assert nearest == (pytest.approx(0, abs=0.01), str(station["station_id"])), system

@@ -8,6 +8,7 @@ from grafana_foundation_sdk.builders import geomap, table, timeseries
 
 from collector.contract import BIKES_1H_BUCKET, STATION_STATUS, STATION_STATUS_1H
 from collector.provision.grafana.common import (
+    HOURLY_FIRST_RUN,
     LATEST_WINDOW,
     TO_SECS,
     UID_BIKES,
@@ -51,30 +52,34 @@ RETURNING = '"installed" = true AND "returning" = true'
 
 
 def _indicator_zero(column: str) -> str:
-    # 1 when a non-negative count is 0, else 0: a sum of these is a count that is 0, not
-    # "no data", when no station matches (a WHERE filter would return no row at all).
+    # 1 when a non-negative count is 0, else 0: a sum of these counts the zeros.
     return f'floor(1 / ("{column}" + 1))'
 
 
+def _total(alias: str, value: str, stations: str, where: str, column: str) -> str:
+    """The sum of ``value`` over the stations of ``stations`` matching ``where``, and 0, not
+    "no data", when stations reported ``column`` but none matches. A WHERE filter leaves no
+    row at all when nothing matches, and InfluxQL cannot add booleans, so a second source
+    gives a 0 per station that reported ``column``. No row means ``column`` is unknown: no
+    station reported it in the last hour (a dead feed; for docks, a feed without them)."""
+    matching = f'SELECT {value} AS "{alias}" FROM ({stations}) WHERE {where}'
+    zeros = f'SELECT "{column}" * 0 AS "{alias}" FROM ({stations})'
+    return f'SELECT sum("{alias}") AS "{alias}" FROM ({matching}), ({zeros})'
+
+
 def bikes_available() -> InfluxQL:
-    return InfluxQL(
-        S.bucket, f'SELECT sum("bikes") AS "bikes" FROM ({latest(BIKES)}) WHERE {RENTING}'
-    )
+    return InfluxQL(S.bucket, _total("bikes", '"bikes"', latest(BIKES), RENTING, "bikes"))
 
 
 def empty_stations() -> InfluxQL:
     return InfluxQL(
-        S.bucket,
-        f'SELECT sum("empty") AS "empty" FROM (SELECT {_indicator_zero("bikes")} AS "empty" '
-        f"FROM ({latest(BIKES)}) WHERE {RENTING})",
+        S.bucket, _total("empty", _indicator_zero("bikes"), latest(BIKES), RENTING, "bikes")
     )
 
 
 def full_stations() -> InfluxQL:
     return InfluxQL(
-        S.bucket,
-        f'SELECT sum("full") AS "full" FROM (SELECT {_indicator_zero("docks")} AS "full" '
-        f"FROM ({latest(DOCKS)}) WHERE {RETURNING})",
+        S.bucket, _total("full", _indicator_zero("docks"), latest(DOCKS), RETURNING, "docks")
     )
 
 
@@ -83,11 +88,14 @@ def not_reporting() -> InfluxQL:
     late = f'({TO_SECS} - "reported" - {NOT_REPORTING_SECS})'
     positive = f"(({late} + sqrt(pow({late}, 2))) / 2)"
     stations = latest('last("last_reported") AS "reported"')
-    return InfluxQL(
-        S.bucket,
-        f'SELECT sum("silent") AS "silent" FROM (SELECT 1 - floor(1 / ({positive} + 1)) '
-        f'AS "silent" FROM ({stations}) WHERE "installed" = true)',
-    )
+    silent = f"1 - floor(1 / ({positive} + 1))"
+    return InfluxQL(S.bucket, _total("silent", silent, stations, '"installed" = true', "reported"))
+
+
+# What a count stat shows when its query has no row (see _total): the figure is unknown, and
+# says so; 0 is shown by the queries themselves whenever it is the answer.
+UNKNOWN = "unknown"
+NO_REPORT = "Unknown when no station of the system reported in the hour before the range's end."
 
 
 def station_map() -> geomap.Panel:
@@ -143,7 +151,7 @@ def bikes_over_time_hourly() -> timeseries.Panel:
         grid(12, 22, 12, 8),
         InfluxQL(BIKES_1H_BUCKET, query),
         interval="1h",
-    )
+    ).description(HOURLY_FIRST_RUN)
 
 
 def build() -> db.Dashboard:
@@ -151,11 +159,29 @@ def build() -> db.Dashboard:
         dashboard(UID_BIKES, "Bike stations, live", "30s", "now-6h", ["bikes"])
         .with_variable(tag_variable("system", "System", S.bucket, S.name, "system"))
         .with_variable(colour_by())
-        .with_panel(count_stat("Bikes available", grid(0, 0, 6, 4), bikes_available()))
-        .with_panel(count_stat("Empty stations", grid(6, 0, 6, 4), empty_stations()))
-        .with_panel(count_stat("Full stations", grid(12, 0, 6, 4), full_stations()))
+        .with_panel(
+            count_stat("Bikes available", grid(0, 0, 6, 4), bikes_available())
+            .no_value(UNKNOWN)
+            .description(f"At stations installed and renting. {NO_REPORT}")
+        )
+        .with_panel(
+            count_stat("Empty stations", grid(6, 0, 6, 4), empty_stations())
+            .no_value(UNKNOWN)
+            .description(f"Installed and renting, no bike. {NO_REPORT}")
+        )
+        .with_panel(
+            count_stat("Full stations", grid(12, 0, 6, 4), full_stations())
+            .no_value(UNKNOWN)
+            .description(
+                "Installed and returning, no free dock. Unknown when no station reported its "
+                "free docks in the hour before the range's end (a feed without docks, or a "
+                "dead one)."
+            )
+        )
         .with_panel(
             count_stat("Stations not reporting (30 min)", grid(18, 0, 6, 4), not_reporting())
+            .no_value(UNKNOWN)
+            .description(f"Installed, last report older than 30 minutes. {NO_REPORT}")
         )
         .with_panel(station_map())
         .with_panel(empty_and_full_table())

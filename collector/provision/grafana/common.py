@@ -34,6 +34,12 @@ ResultFormat = Literal["time_series", "table"]
 # The end of the picked range, in epoch seconds: "now" for a live view, any moment otherwise.
 TO_SECS = "${__to:date:seconds}"
 # The state "now" is each station's newest point of the hour up to the range's end.
+# bikes_1h is filled by a downsampling job (a continuous query on 1.x, a task on 2.x) that
+# first runs up to an hour after `collector setup`, for the hour just ended.
+HOURLY_FIRST_RUN = (
+    "Filled once an hour by the downsampling job, for the hour just ended: on a new install "
+    "this panel stays empty until its first run, up to an hour after set-up."
+)
 LATEST_WINDOW = f"time > {TO_SECS}s - 1h AND time <= {TO_SECS}s"
 
 

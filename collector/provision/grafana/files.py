@@ -53,14 +53,16 @@ def datasource_file(settings: Settings) -> dict[str, Any]:
             "editable": False,
             "jsonData": {"version": "InfluxQL", "dbName": names[bucket], "httpMode": "POST"},
         }
-        secret = f"$__file{{{grafana.reader_token_file}}}"
+        # Secrets are read by Grafana from files at start-up; never in this file.
         if influxdb.api == "v2":
-            # The read-only token `collector setup` wrote; never in this file.
+            # The read-only token `collector setup` wrote.
+            token = f"$__file{{{grafana.reader_token_file}}}"
             source["jsonData"]["httpHeaderName1"] = "Authorization"
-            source["secureJsonData"] = {"httpHeaderValue1": f"Token {secret}"}
-        elif influxdb.username:
-            source["user"] = influxdb.username
-            source["secureJsonData"] = {"password": secret}
+            source["secureJsonData"] = {"httpHeaderValue1": f"Token {token}"}
+        elif grafana.reader_username:
+            # 1.x: a read-only user of Grafana's own, not the collector's writing account.
+            source["user"] = grafana.reader_username
+            source["secureJsonData"] = {"password": f"$__file{{{grafana.reader_password_file}}}"}
         sources.append(source)
     return {"apiVersion": 1, "datasources": sources}
 

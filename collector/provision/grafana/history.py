@@ -11,6 +11,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 
 from collector.contract import BIKES_1H_BUCKET, STATION_STATUS, STATION_STATUS_1H
 from collector.provision.grafana.common import (
+    HOURLY_FIRST_RUN,
     LATEST_WINDOW,
     UID_HISTORY,
     InfluxQL,
@@ -62,7 +63,7 @@ def hourly() -> timeseries.Panel:
         grid(0, 9, 24, 9),
         InfluxQL(BIKES_1H_BUCKET, query),
         interval="1h",
-    )
+    ).description(HOURLY_FIRST_RUN)
 
 
 def week_profile_transformations(timezone: str) -> list[dm.DataTransformerConfig]:
@@ -100,6 +101,7 @@ def week_profile(timezone: str) -> barchart.Panel:
             InfluxQL(BIKES_1H_BUCKET, query, result_format="table"),
         )
         .time_from(f"{PROFILE_WEEKS * 7}d")
+        .description(f"From the hourly means (bikes_1h). {HOURLY_FIRST_RUN}")
         .x_field("Time")
         .x_tick_label_spacing(100)
     )
@@ -112,13 +114,23 @@ EARTH_DIAMETER_M = 12_742_000
 RADIANS = 0.017453292519943295  # pi / 180
 
 
+# The chosen station's coordinates as numbers that always parse. A station in
+# station_status but not in station_information (the collector's ``unknown_station``) has no
+# position: its variables are empty, and a bare ``${lat0}`` made ``(last("lat") - )``, an
+# InfluxQL parse error in both nearby panels. "(0" + value + ")" is the value itself (a
+# negative one too: "(0-33.9)"), and (0) when empty: every real station is then thousands of
+# kilometres away and the panels show no row.
+LAT0 = "(0${lat0})"
+LON0 = "(0${lon0})"
+
+
 def _distance_m(lat: str, lon: str) -> str:
     """Great-circle (haversine) distance in metres from the chosen station (``lat0``,
     ``lon0``, themselves variables read from its newest point) to ``lat``, ``lon``."""
     return (
-        f"{EARTH_DIAMETER_M} * asin(sqrt(pow(sin(({lat} - ${{lat0}}) * {RADIANS} / 2), 2) + "
-        f"cos(${{lat0}} * {RADIANS}) * cos({lat} * {RADIANS}) * "
-        f"pow(sin(({lon} - ${{lon0}}) * {RADIANS} / 2), 2)))"
+        f"{EARTH_DIAMETER_M} * asin(sqrt(pow(sin(({lat} - {LAT0}) * {RADIANS} / 2), 2) + "
+        f"cos({LAT0} * {RADIANS}) * cos({lat} * {RADIANS}) * "
+        f"pow(sin(({lon} - {LON0}) * {RADIANS} / 2), 2)))"
     )
 
 
