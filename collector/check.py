@@ -8,10 +8,11 @@ run, with nothing to add here.
 
 from __future__ import annotations
 
+from collector.archive import open_archive
 from collector.http import redact_url
 from collector.jobs import Job, build_jobs
 from collector.retry import Failure
-from collector.settings import Settings
+from collector.settings import ConfigError, Settings
 from collector.sinks import spool
 from collector.sinks.base import AuthError, Fatal
 from collector.sinks.influxdb import api_mismatch, make_writer
@@ -21,21 +22,45 @@ from collector.telemetry import Counters
 __all__ = ["check"]
 
 
-def check(config: Settings) -> bool:
-    """True when everything answered as ``run`` needs it."""
+def check(config: Settings) -> int:
+    """The exit code: 0 when everything answered as ``run`` needs it, 2 when the settings
+    must change (refused credentials, the wrong API flavour, an archive that cannot be
+    written), 1 when something else failed (a feed, a missing bucket)."""
     # Built as for `run --once`: nothing is written (check() polls without writing).
     sources, report = build_jobs(config, StdoutSink(), Counters(), Fatal(), once=True)
     buckets = list(dict.fromkeys(b for job in (*sources, report) for b in job.buckets))
-    ok = _database(config, buckets)
+    database = _database(config, buckets)
     print(_spool(config))
+    archive = _archive(config)
+    ok = database == _OK and archive
     if not sources:
         print("sources: none configured (add [[gbfs.systems]] or [pressure] url)")
     for job in sources:
         ok = _source(job) and ok
-    return ok
+    if database == _SETTINGS or not archive:
+        return 2
+    return 0 if ok else 1
 
 
-def _database(config: Settings, buckets: list[str]) -> bool:
+_OK, _FAILED, _SETTINGS = "ok", "failed", "settings"
+
+
+def _archive(config: Settings) -> bool:
+    if config.archive.dir is None:
+        print("archive: off")
+        return True
+    try:
+        archive = open_archive(config.archive)
+    except ConfigError as exc:
+        print(f"archive: FAILED: {exc}")
+        return False
+    if archive is not None:
+        archive.close()
+    print(f"archive: {config.archive.dir}: writable")
+    return True
+
+
+def _database(config: Settings, buckets: list[str]) -> str:
     db = config.influxdb
     print(f"influxdb: {db.api} {redact_url(db.url)}", end=" ... ", flush=True)
     writer = make_writer(db, bucket_names=config.buckets.names())
@@ -44,23 +69,26 @@ def _database(config: Settings, buckets: list[str]) -> bool:
         mismatch = api_mismatch(db.api, version)
         if mismatch:
             print(f"FAILED: {mismatch}")
-            return False
-        problems = []
+            return _SETTINGS
+        problems, refused = [], False
         for bucket in buckets:
             try:
                 writer.probe(bucket)
-            except (Failure, AuthError) as exc:
+            except AuthError as exc:
+                problems.append(str(exc))
+                refused = True
+            except Failure as exc:
                 problems.append(str(exc))
         if problems:
             print(f"FAILED (version {version}):")
             for problem in dict.fromkeys(problems):
                 print(f"  {problem}")
-            return False
+            return _SETTINGS if refused else _FAILED
         print(f"ok (version {version}; may write to {', '.join(buckets)})")
-        return True
+        return _OK
     except Failure as failure:
         print(f"FAILED: {failure}")
-        return False
+        return _SETTINGS if failure.kind == "auth" else _FAILED
     finally:
         writer.close()
 

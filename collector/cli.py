@@ -18,7 +18,7 @@ from collector.http import redact_url
 from collector.retry import Failure
 from collector.scheduler import Scheduler
 from collector.sinks.base import AuthError, Fatal, Sink
-from collector.sinks.influxdb import make_writer
+from collector.sinks.influxdb import flavour_problem, make_writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolBusy, SpoolingSink
 from collector.sinks.stdout import StdoutSink
 from collector.sources.trips import Flows, Progress, TripFileError
@@ -127,11 +127,14 @@ def _parser() -> argparse.ArgumentParser:
         "pressure", "the insole API: GET /1 .. /N, six sensors a reading, anomaly runs", 9080
     )
     pressure_sim.add_argument(
-        "--patients", type=_at_least(1, int), default=6, help="patient ids 1..N (beyond 6: load)"
+        "--patients",
+        type=_between(1, 10_000, int),
+        default=6,
+        help="patient ids 1..N (beyond 6: load)",
     )
     pressure_sim.add_argument(
         "--anomaly-runs-per-hour",
-        type=_at_least(0.0, float),
+        type=_between(0.0, 3600.0, float),
         default=6.0,
         help="flagged runs per patient and hour",
     )
@@ -140,29 +143,29 @@ def _parser() -> argparse.ArgumentParser:
         "--version", dest="gbfs_version", choices=("2.3", "3.0"), default="2.3", help="GBFS"
     )
     gbfs_sim.add_argument(
-        "--stations", type=_at_least(1, int), default=300, help="stations in the city"
+        "--stations",
+        type=_between(1, 100_000, int),
+        default=300,
+        help="stations in the city (a whole city is held in memory)",
     )
     return parser
 
 
-def _at_least(low: float, kind: type[int] | type[float]) -> Callable[[str], float]:
+def _between(low: float, high: float, kind: type[int] | type[float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (math.isfinite(value) and value >= low):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, not {text}")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {text}")
         return value
 
     return parse
 
 
 def _port(text: str) -> int:
-    port = _at_least(0, int)(text)  # 0: any free port, named in the log line
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"a port is at most 65535, not {text}")
-    return int(port)
+    return int(_between(0, 65535, int)(text))  # 0: any free port, named in the log line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,6 +208,8 @@ def _warn_insecure(config: settings.Settings) -> None:
 
 def _run(config: settings.Settings, args: argparse.Namespace) -> int:
     _warn_insecure(config)
+    if not args.dry_run and (problem := flavour_problem(config.influxdb)):
+        return _fail(problem)
     counters, fatal = Counters(), Fatal()
     try:
         sink = StdoutSink() if args.dry_run else _database_sink(config, counters, fatal)
@@ -274,6 +279,8 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
     bucket = config.buckets.of(TRIPS_BUCKET).name
     retention = None
     if not args.dry_run:
+        if problem := flavour_problem(config.influxdb):
+            return _fail(problem)
         # Before reading a file that may take a while: the database answers, the bucket exists.
         try:
             retention = replay.read_retention(config.influxdb, bucket)
@@ -343,6 +350,8 @@ def _replay_archive(config: settings.Settings, args: argparse.Namespace) -> int:
     keep_person = config.pressure.store_personal_data
     files, spans = archive.verify(selection, outcome, keep_person=keep_person)
     if not args.dry_run:
+        if problem := flavour_problem(config.influxdb):
+            return _fail(problem)
         try:
             archive.retention_preflight(config, spans, directory)
         except replay.PreflightError as exc:
@@ -420,6 +429,8 @@ def _replay_options_problem(args: argparse.Namespace) -> str | None:
 def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
     from collector.provision.influxdb import setup
 
+    if problem := flavour_problem(config.influxdb):
+        return _fail(f"setup failed: {problem}")
     try:
         for step in setup(config):
             print(step)
@@ -451,7 +462,7 @@ def _dashboards(config: settings.Settings, args: argparse.Namespace) -> int:
 def _check(config: settings.Settings, args: argparse.Namespace) -> int:
     from collector.check import check
 
-    return EXIT_OK if check(config) else EXIT_FAILURES
+    return check(config)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -161,8 +161,13 @@ def _v1_retention_secs(
         for row in series.get("values", [])
     }
     if database not in names:
+        # 1.x lists only the databases this user may read: a missing one and one without
+        # READ privilege look the same here.
+        user = writer.settings.username
+        who = f"the user {user!r}" if user else "these credentials"
         raise PreflightError(
-            f"database {database!r} does not exist at {where}: run collector setup"
+            f"database {database!r} not found at {where}, or {who} may not read it: "
+            "run collector setup, or GRANT READ (or ALL) on it"
         )
     for result in writer.query(f'SHOW RETENTION POLICIES ON "{database}"'):
         for series in result.get("series", []):
@@ -259,9 +264,9 @@ def warn_spooled_beyond_retention(
     *,
     now: float | None = None,
 ) -> list[str]:
-    """At start-up: log a warning for each bucket whose spool holds batches spooled before its
-    retention's cut-off (their points are older still): the server will drop them as they
-    drain. Returns those buckets (configured names). A server that cannot be asked now is
+    """At start-up: log a warning for each bucket whose spool holds points older than its
+    retention's cut-off: the server will drop them as they drain. Returns those buckets
+    (configured names). A server that cannot be asked now is
     left to the writer to report."""
     now = time.time() if now is None else now
     warned = []
@@ -281,7 +286,7 @@ def warn_spooled_beyond_retention(
                 logging.WARNING,
                 "spool_beyond_retention",
                 bucket=name,
-                oldest_spooled=_utc(spooled),
+                oldest_point=_utc(spooled),
                 retention=retention.describe(),
                 detail="the server drops these points as the spool drains (counted as "
                 "beyond_retention): raise the bucket's retention_hours and run collector setup "

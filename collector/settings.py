@@ -433,6 +433,17 @@ def load(path: str | Path | None = None) -> Settings:
         _CONFIG_DIR.reset(token)
 
 
+def _env_variable(loc: tuple[int | str, ...]) -> str | None:
+    """The COLLECTOR_* variable that set the value at ``loc`` (or a list holding it)."""
+    environ = {name.upper(): name for name in os.environ}
+    parts = [str(part) for part in loc if isinstance(part, str)]
+    for end in range(len(parts), 0, -1):
+        name = "COLLECTOR_" + "__".join(parts[:end]).upper()
+        if name in environ:
+            return environ[name]
+    return None
+
+
 def _describe_env(exc: SettingsError) -> str | None:
     """A bad environment override, named: pydantic-settings names only the field."""
     match = re.search(r'field "([^"]+)" from source "EnvSettingsSource"', str(exc))
@@ -452,12 +463,18 @@ def _describe_env(exc: SettingsError) -> str | None:
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
-    where = f" in {path}" if path else ""
-    lines = [f"invalid configuration{where}:"]
+    lines, from_file = [], False
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        variable = _env_variable(error["loc"])
+        if variable:
+            key = f"{key} (environment variable {variable})"
+        else:
+            from_file = True
         lines.append(f"  {key}: {message}")
+    where = f" in {path}" if path and from_file else ""
+    lines.insert(0, f"invalid configuration{where}:")
     return "\n".join(lines)

@@ -134,7 +134,7 @@ def test_check_fails_on_refused_credentials_and_missing_privileges(
     url = secured_influxd.url
 
     wrong = _check(tmp_path, url, feeds, 'api = "v1"\nusername = "writer"\npassword_file = "bad"')
-    assert wrong.returncode == 1, wrong.stdout
+    assert wrong.returncode == 2, wrong.stdout
     assert "refused the credentials (HTTP 401)" in wrong.stdout
     # A 1.x server has users and passwords: no talk of tokens and orgs.
     assert "username and password_file" in wrong.stdout and "org" not in wrong.stdout
@@ -143,7 +143,7 @@ def test_check_fails_on_refused_credentials_and_missing_privileges(
     partial = _check(
         tmp_path, url, feeds, 'api = "v1"\nusername = "writer"\npassword_file = "good"'
     )
-    assert partial.returncode == 1, partial.stdout
+    assert partial.returncode == 2, partial.stdout
     assert "(HTTP 403) writing to 'collector'" in partial.stdout
     assert "writing to 'bikes'" not in partial.stdout  # that one it may write
 
@@ -167,7 +167,7 @@ def test_check_fails_when_the_api_flavour_does_not_match(
     done = run_cli(
         "check", config=_check_config(tmp_path, influxd.url, feeds, 'api = "v2"\ntoken = "x"')
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert 'has no v2 API (orgs, buckets, tokens): set [influxdb] api = "v1"' in done.stdout
 
 
@@ -355,10 +355,11 @@ def test_a_burst_of_connections_is_queued_not_dropped() -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["pressure", "--anomaly-runs-per-hour", "-1"], "--anomaly-runs-per-hour: must be"),
-        (["pressure", "--patients", "0"], "--patients: must be"),
+        (["pressure", "--anomaly-runs-per-hour", "-1"], "--anomaly-runs-per-hour: must be from"),
+        (["pressure", "--patients", "0"], "--patients: must be from"),
         (["gbfs", "--stations", "0"], "--stations: must be"),
         (["gbfs", "--stations", "-5"], "--stations: must be"),
+        (["gbfs", "--stations", "10000000"], "--stations: must be from 1 to 100000"),
         (["gbfs", "--host", "no-such-host.invalid", "--port", "0"], "cannot listen on"),
     ],
 )
@@ -562,3 +563,144 @@ def test_the_local_example_runs_without_docker(tmp_path: Path, influxd: InfluxD)
     assert stations and stations[0]["count"] == 20
     patients = influxd.query('SHOW TAG VALUES FROM pressure WITH KEY = "patient_id"', "pressure")
     assert sorted(int(r["value"]) for r in patients) == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------- found by a new user's walk
+def test_a_pressure_url_with_a_query_string_keeps_it_after_the_patient_id(tmp_path: Path) -> None:
+    feeds = FeedServer().start()
+    try:
+        with Background(PressureSimulator(2)) as sim:
+            feeds.routes["/api/3"] = lambda _r: Reply(
+                200, requests.get(f"{sim}/3", timeout=5).content
+            )
+            path = _config(
+                tmp_path, f'[pressure]\nurl = "{feeds.url}/api?apikey=K"\npatients = [3]\n'
+            )
+            collector = Scheduler.from_settings(settings_module.load(path), MemorySink(), once=True)
+            summaries = collector.run_once()
+            collector.close()
+    finally:
+        feeds.stop()
+    assert [s.ok for s in summaries] == [True]
+    assert [(r.path, r.query) for r in feeds.requests] == [("/api/3", "apikey=K")]
+
+
+def test_an_influxdb_url_that_answers_html_is_named_not_printed(tmp_path: Path) -> None:
+    feeds = FeedServer().start()
+    page = b"<html><head><title>Welcome to nginx!</title></head><body>" + b"<p>x</p>" * 40
+    feeds.routes["/write"] = Reply(502, page + b"</body></html>")
+    feeds.routes["/ping"] = Reply(204, headers={"X-Influxdb-Version": "1.8.10"})
+    try:
+        path = _config(
+            tmp_path,
+            f'[influxdb]\nurl = "{feeds.url}"\napi = "v1"\n[spool]\nenabled = false\n'
+            f'[[gbfs.systems]]\nname = "spec"\nurl = "{feeds.serve_folder(SPEC, "/spec")}"\n',
+        )
+        done = run_cli("check", config=path)
+    finally:
+        feeds.stop()
+    assert done.returncode == 1
+    assert "an HTML page (Welcome to nginx!)" in done.stdout and "<p>" not in done.stdout
+
+
+@pytest.mark.influxdb
+@pytest.mark.parametrize("command", [["setup"], ["run", "--once"], ["run"]])
+def test_the_wrong_api_flavour_stops_before_anything_is_written(
+    tmp_path: Path, influxd: InfluxD, feeds: FeedServer, command: list[str]
+) -> None:
+    # Before: setup said "find organization: HTTP 404", and run dead-lettered every batch as
+    # if the server had refused the data.
+    path = _config(
+        tmp_path,
+        f'[influxdb]\nurl = "{influxd.url}"\napi = "v2"\ntoken = "t"\n'
+        f'[spool]\ndir = "{tmp_path / "spool"}"\n'
+        f'[[gbfs.systems]]\nname = "spec"\nurl = "{feeds.serve_folder(SPEC, "/spec")}"\n',
+    )
+    done = run_cli(*command, config=path)
+    assert done.returncode == 2, done.stderr
+    assert 'has no v2 API (orgs, buckets, tokens): set [influxdb] api = "v1"' in done.stderr
+    assert not (tmp_path / "spool" / "dead-letter.lp").exists()
+    assert feeds.hits("/spec/station_status.json") == 0  # stopped before polling
+
+
+@pytest.mark.influxdb
+def test_a_replay_with_the_wrong_api_flavour_says_so(tmp_path: Path, influxd: InfluxD) -> None:
+    trips = tmp_path / "t.csv"
+    trips.write_text(
+        "ride_id,rideable_type,started_at,ended_at,start_station_name,start_station_id,"
+        "end_station_name,end_station_id,start_lat,start_lng,end_lat,end_lng,member_casual\n"
+        "A,classic_bike,2021-02-01 10:00:00,2021-02-01 10:10:00,S1,JC1,S2,JC2,40.7,-74.0,"
+        "40.71,-74.01,member\n"
+    )
+    path = _config(tmp_path, f'[influxdb]\nurl = "{influxd.url}"\napi = "v2"\ntoken = "t"\n')
+    done = run_cli("replay", "trips", str(trips), "--backfill", config=path)
+    assert done.returncode == 2
+    assert 'set [influxdb] api = "v1"' in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("COLLECTOR_INFLUXDB__BATCH_LINES", "abc", "influxdb.batch_lines (environment variable"),
+        ("COLLECTOR_GBFS__SYSTEMS", '{"name": "x"}', "gbfs.systems (environment variable"),
+        ("COLLECTOR_INFLUXDB__URLL", "x", "influxdb.urll (environment variable"),
+    ],
+)
+def test_bad_environment_values_are_named_not_blamed_on_the_file(
+    tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    path = _config(tmp_path, '[influxdb]\napi = "v1"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "collector.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, variable: value},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"{says} {variable})" in done.stderr
+    assert str(path) not in done.stderr
+
+
+def test_check_refuses_an_archive_it_cannot_write(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    path = _config(
+        tmp_path,
+        f'[influxdb]\nurl = "http://127.0.0.1:{free_port()}"\napi = "v1"\n'
+        f'[archive]\ndir = "{blocked / "archive"}"\n',
+    )
+    done = run_cli("check", config=path)
+    assert done.returncode == 2
+    assert "archive: FAILED: archive.dir: cannot write to" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [("crc", "damaged gzip data (CRC check failed"), ("half-zip", "damaged or truncated zip")],
+)
+def test_damaged_compressed_trip_files_are_called_damaged(
+    tmp_path: Path, damage: str, says: str
+) -> None:
+    import gzip
+    import zipfile
+
+    rows = (
+        "ride_id,rideable_type,started_at,ended_at,start_station_name,start_station_id,"
+        "end_station_name,end_station_id,start_lat,start_lng,end_lat,end_lng,member_casual\n"
+    ) + "A,classic_bike,2021-02-01 10:00:00,2021-02-01 10:10:00,S1,JC1,S2,JC2,1,2,3,4,x\n" * 5000
+    if damage == "crc":
+        data = bytearray(gzip.compress(rows.encode()))
+        data[-6] ^= 0xFF  # the CRC-32 in the trailer
+        target = tmp_path / "t.csv.gz"
+        target.write_bytes(bytes(data))
+    else:
+        full = tmp_path / "full.zip"
+        with zipfile.ZipFile(full, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("t.csv", rows)
+        target = tmp_path / "t.zip"
+        target.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    done = run_cli("replay", "trips", str(target), "--dry-run", config=_config(tmp_path, ""))
+    assert done.returncode == 2
+    assert says in done.stderr and "not gzip-compressed" not in done.stderr

@@ -1,6 +1,6 @@
 """What the spool tells a person: dead letters name the configured bucket (issue #12, defect
 11), and `collector run` warns at start when spooled batches are older than their bucket's
-retention (issue #11)."""
+retention (issue #11): by the points' own time, not when they were spooled."""
 
 from __future__ import annotations
 
@@ -63,8 +63,20 @@ def test_dead_letter_header_names_the_configured_bucket(
 
 
 def _spool_old_batch(spool_dir: Path, bucket: str, age_secs: float) -> None:
-    spool = Spool(spool_dir, 10**7, clock=lambda: time.time() - age_secs)
-    spool.put(bucket, "s", [["station_status,station_id=1,system=sim bikes_available=1i 1"]])
+    # Spooled just now, with points stamped age_secs ago (a feed whose data is that old, or
+    # an outage that long): the points' time is what the server's retention judges.
+    spool = Spool(spool_dir, 10**7)
+    stamp = int(time.time() - age_secs)
+    spool.put(
+        bucket,
+        "s",
+        [
+            [
+                f"station_status,station_id=1,system=sim bikes_available=1i {stamp + 3600}",
+                f"station_status,station_id=2,system=sim bikes_available=1i {stamp}",
+            ]
+        ],
+    )
     spool.close()
 
 

@@ -26,7 +26,7 @@ from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
 from collector.contract import Precision
-from collector.http import reason_of, redact_url
+from collector.http import describe_body, reason_of, redact_url
 from collector.logs import event
 from collector.retry import Backoff, Failure, kind_of_status, parse_retry_after
 from collector.settings import InfluxDBSettings
@@ -42,7 +42,8 @@ def _server_message(body: bytes | str | None) -> str:
     try:
         parsed = json.loads(text)
     except ValueError:
-        return text.strip()[:300]
+        # Not InfluxDB's JSON: a proxy's or another server's page, named by its title.
+        return describe_body(text.encode("utf-8"))
     if isinstance(parsed, dict):
         return str(parsed.get("message") or parsed.get("error") or parsed)[:300]
     return text.strip()[:300]
@@ -406,6 +407,22 @@ def api_mismatch(api: str, version: str) -> str | None:
             'API: set [influxdb] api = "v2" with org and token'
         )
     return None
+
+
+def flavour_problem(settings: InfluxDBSettings) -> str | None:
+    """Why the server cannot serve the configured API, when it answers and says so.
+
+    Asked before setup, run and replays write: against the wrong flavour every write is a
+    404 that would look like a refused batch (dead-lettered) rather than a setting to fix.
+    A server that does not answer is not a problem here: the spool and retries handle that.
+    """
+    writer = make_writer(settings)
+    try:
+        return api_mismatch(settings.api, writer.ping())
+    except Failure:
+        return None
+    finally:
+        writer.close()
 
 
 def make_writer(settings: InfluxDBSettings, **kwargs: Any) -> InfluxWriter:

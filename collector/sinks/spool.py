@@ -71,6 +71,20 @@ def describe(directory: Path) -> str:
     return f"{directory}: {batches} batches, {lines} lines waiting{age}{dead_note}"
 
 
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _oldest_point(lines: Sequence[str], precision: str, default: float) -> float:
+    oldest = default
+    divisor = _PER_SECOND.get(precision, 1_000_000_000)
+    for line in lines:
+        stamp = line.rsplit(" ", 2)
+        # "measurement,tags fields timestamp": three parts when the line has a timestamp.
+        if len(stamp) == 3 and stamp[2].lstrip("-").isdigit():
+            oldest = min(oldest, int(stamp[2]) / divisor)
+    return oldest
+
+
 class Spool:
     def __init__(
         self, directory: Path, max_bytes: int, *, clock: Callable[[], float] = time.time
@@ -185,10 +199,18 @@ class Spool:
                 raise
 
     def oldest_by_bucket(self) -> dict[str, float]:
-        """When the oldest batch of each bucket was spooled (epoch seconds)."""
+        """The oldest point of each bucket (epoch seconds), read from the lines' timestamps.
+
+        Not when a batch was spooled: a feed whose data is weeks old is spooled today with
+        points the server will drop as beyond retention. Read once at start-up, before the
+        drainer runs; a line without a timestamp counts as spooled-time."""
+        oldest: dict[str, float] = {}
         with self._lock:
-            rows = self._db.execute("SELECT bucket, MIN(created) FROM batches GROUP BY bucket")
-            return {bucket: created for bucket, created in rows}
+            rows = self._db.execute("SELECT bucket, precision, created, payload FROM batches")
+            for bucket, precision, created, payload in rows:
+                first = _oldest_point(orjson.loads(zlib.decompress(payload)), precision, created)
+                oldest[bucket] = min(first, oldest.get(bucket, first))
+        return oldest
 
     def stats(self) -> SpoolStats:
         with self._lock:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -157,6 +158,13 @@ def person_row(reading: Reading, person: Person) -> Row:
     )
 
 
+def patient_url(base: str, patient_id: int) -> str:
+    """``{base}/{patient_id}``, keeping a query string (an API key) after the path."""
+    parts = urlsplit(base)
+    path = f"{parts.path.rstrip('/')}/{patient_id}"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
 class PatientPoller:
     """Polls one patient. Run by one job at a time, so its session is never shared."""
 
@@ -172,7 +180,7 @@ class PatientPoller:
         self._archive = archive
         self.patient_id = patient_id
         self.name = f"patient-{patient_id}"
-        self._url = f"{settings.url}/{patient_id}"
+        self._url = patient_url(settings.url, patient_id)
         self._keep_person = settings.store_personal_data
         self._clock_ms = clock_ms
         self._last_ms = 0

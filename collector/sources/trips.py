@@ -193,9 +193,15 @@ def read_file(
             f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} cannot be decoded); "
             "trip files are UTF-8 CSV"
         ) from None
-    except gzip.BadGzipFile:
-        raise TripFileError(f"{path}: named .gz but not gzip-compressed") from None
-    except zipfile.BadZipFile:
+    except gzip.BadGzipFile as exc:
+        # The same exception says "not gzip" (a bad magic number) and "damaged" (a CRC or
+        # length that does not match): only the first means the name is wrong.
+        if "Not a gzipped file" in str(exc):
+            raise TripFileError(f"{path}: named .gz but not gzip-compressed") from None
+        raise TripFileError(f"{path}: damaged gzip data ({exc})") from None
+    except zipfile.BadZipFile as exc:
+        if _starts_like_zip(path):
+            raise TripFileError(f"{path}: damaged or truncated zip archive ({exc})") from None
         raise TripFileError(f"{path}: named .zip but not a zip archive") from None
     except (EOFError, zlib.error) as exc:
         raise TripFileError(f"{path}: truncated or damaged compressed data ({exc})") from None
@@ -203,6 +209,14 @@ def read_file(
         raise TripFileError(f"{path}: not a CSV file ({exc})") from None
     except OSError as exc:
         raise TripFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _starts_like_zip(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 @dataclass
