@@ -23,7 +23,6 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from collector.archive import Archive
 from collector.jobs import Job, PollSummary, build_jobs
-from collector.lineprotocol import Row
 from collector.logs import event
 from collector.settings import Settings
 from collector.sinks.base import AuthError, Fatal, Sink
@@ -163,24 +162,3 @@ class Scheduler:
             self._fatal.stop(exc)
         if time.monotonic() > deadline:
             self._sink.stop_retrying()
-
-
-class Collector:
-    """The surface ``tests/test_grafana_queries.py`` was written against (settings and a sink
-    in; ``systems``, ``poll``, ``telemetry_rows``), kept only until that file, owned by the
-    Grafana work, moves to ``Scheduler.from_settings``."""
-
-    def __init__(self, settings: Settings, sink: Sink, *, counters: Counters | None = None) -> None:
-        self._scheduler = Scheduler.from_settings(settings, sink, counters=counters, once=True)
-        self.counters = self._scheduler.counters
-        self.systems = self._scheduler.jobs
-        self._sink = sink
-
-    def poll(self, job: Job) -> PollSummary:
-        return job.run()
-
-    def telemetry_rows(self, now: float) -> dict[str, list[Row]]:
-        return self.counters.rows(now, self._sink.metrics())
-
-    def close(self) -> None:
-        self._scheduler.close()

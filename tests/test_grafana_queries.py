@@ -23,7 +23,7 @@ from collector.contract import DOWNSAMPLES, EVENTS, FEED, SENSORS
 from collector.lineprotocol import Encoder
 from collector.provision import grafana
 from collector.provision.influxdb import continuous_query
-from collector.scheduler import Collector
+from collector.scheduler import Scheduler
 from collector.settings import GrafanaSettings, Settings, load
 from collector.simulators.pressure import PressureSimulator
 from collector.simulators.serve import Background
@@ -510,7 +510,10 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
             for name in ("alive", "dead", "slow", "never")
         )
     )
-    collector = Collector(load(config), MemorySink(), counters=Counters(started_secs=start))
+    sink = MemorySink()
+    scheduler = Scheduler.from_settings(
+        load(config), sink, counters=Counters(started_secs=start), once=True
+    )
     encoder = Encoder(FEED)
     model = RuleModel(RULES["livestack-feed-stale"], influxd.url, db)
     history = []
@@ -520,17 +523,18 @@ def test_feed_stale_fires_for_the_dead_system_alone_and_keeps_firing(
         if minute == 5:
             feeds.routes["/dead.json"] = Reply(503, b"down")
         if minute == restart:  # a new process: it knows nothing of the feeds' past
-            collector.close()
-            collector = Collector(
-                load(config), MemorySink(), counters=Counters(started_secs=clock["now"])
+            scheduler.close()
+            sink = MemorySink()
+            scheduler = Scheduler.from_settings(
+                load(config), sink, counters=Counters(started_secs=clock["now"]), once=True
             )
-        for system in collector.systems:
-            collector.poll(system)
-        lines = encoder.lines(collector.telemetry_rows(clock["now"])["feed"])[0]
+        for job in scheduler.jobs:
+            job.run()
+        lines = encoder.lines(scheduler.counters.rows(clock["now"], sink.metrics())["feed"])[0]
         write(influxd.url, db, lines)
         if minute % 10 == 0:
             history.append((minute, model.evaluate(clock["now"] * 1000)))
-    collector.close()
+    scheduler.close()
 
     def firing(system: str) -> list[int]:
         return [m for m, states in history if states.get((("system", system),)) == "Alerting"]
@@ -658,8 +662,8 @@ def test_busiest_stations_equal_the_trip_file(filled: Filled) -> None:
         assert (total, out) == (trips[station], undocks.get(station, 0)), station
 
 
-def _write_telemetry(influxd: InfluxD, collector: Collector, now: int) -> None:
-    rows = collector.telemetry_rows(now)["events"]
+def _write_telemetry(influxd: InfluxD, counters: Counters, now: int) -> None:
+    rows = counters.rows(now, MemorySink().metrics())["events"]
     requests.post(
         f"{influxd.url}/write",
         params={"db": "health", "precision": "s"},
@@ -676,16 +680,16 @@ def test_health_rates_show_first_occurrences_restarts_and_drained_points(
     config = tmp_path / "c.toml"
     config.write_text("")
     start = int(time.time()) - 3600
-    first = Collector(load(config), MemorySink())
+    first = Scheduler.from_settings(load(config), MemorySink(), once=True).counters
     _write_telemetry(influxd, first, start)  # nothing counted yet
-    first.counters.add("oslo", "fetch", "timeout")  # a kind never seen before
+    first.add("oslo", "fetch", "timeout")  # a kind never seen before
     _write_telemetry(influxd, first, start + 10)
-    first.counters.add("bikes", "write", "drained", 40)
+    first.add("bikes", "write", "drained", 40)
     _write_telemetry(influxd, first, start + 20)
     # A restart: counts start again from zero, the first report comes 30 s later.
-    second = Collector(load(config), MemorySink())
-    second.counters.add("oslo", "fetch", "timeout", 2)
-    second.counters.add("bikes", "write", "ok", 7)
+    second = Scheduler.from_settings(load(config), MemorySink(), once=True).counters
+    second.add("oslo", "fetch", "timeout", 2)
+    second.add("bikes", "write", "ok", 7)
     _write_telemetry(influxd, second, start + 60)
     name = "dashboards/livestack/collector-health.json"
     dashboard = json.loads(FILES[name])

@@ -8,7 +8,7 @@ they follow the time picker and can be evaluated at any pinned time.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal, Protocol, Self, TypeVar
 
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
@@ -127,7 +127,22 @@ def legend() -> cb.VizLegendOptions:
     )
 
 
-def panel(kind: Any, title: str, grid_pos: dm.GridPos, *targets: InfluxQL) -> Any:
+class PanelBuilder(Protocol):
+    """What ``panel`` sets on every kind of panel builder (each SDK panel module's ``Panel``)."""
+
+    def title(self, title: str) -> Self: ...
+
+    def datasource(self, datasource: cm.DataSourceRef) -> Self: ...
+
+    def grid_pos(self, grid_pos: dm.GridPos) -> Self: ...
+
+    def with_target(self, target: cogbuilder.Builder[cogvariants.Dataquery]) -> Self: ...
+
+
+P = TypeVar("P", bound=PanelBuilder)
+
+
+def panel(kind: type[P], title: str, grid_pos: dm.GridPos, *targets: InfluxQL) -> P:
     """A panel of ``kind`` (timeseries.Panel, table.Panel, ...) reading one bucket."""
     built = kind().title(title).datasource(datasource(targets[0].build().bucket)).grid_pos(grid_pos)
     for target in targets:
@@ -135,7 +150,9 @@ def panel(kind: Any, title: str, grid_pos: dm.GridPos, *targets: InfluxQL) -> An
     return built
 
 
-def count_stat(title: str, grid_pos: dm.GridPos, target: InfluxQL, *, unit: str = "none") -> Any:
+def count_stat(
+    title: str, grid_pos: dm.GridPos, target: InfluxQL, *, unit: str = "none"
+) -> stat.Panel:
     """A single number: the last value of a query that always returns a row (0 included)."""
     return (
         panel(stat.Panel, title, grid_pos, target)
@@ -175,7 +192,9 @@ def tag_variable(
     )
 
 
-def series(title: str, grid_pos: dm.GridPos, target: InfluxQL, *, interval: str) -> Any:
+def series(
+    title: str, grid_pos: dm.GridPos, target: InfluxQL, *, interval: str
+) -> timeseries.Panel:
     """A time series panel with its legend. ``interval`` is the data's cadence: Grafana never
     makes ``$__interval`` finer, where intervals would hold no point."""
     return panel(timeseries.Panel, title, grid_pos, target).interval(interval).legend(legend())

@@ -7,6 +7,7 @@ from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import timeseries
 from grafana_foundation_sdk.models import common as cm
+from grafana_foundation_sdk.models import dashboard as dm
 
 from collector.contract import EVENTS, FEED, SPOOL, WRITES
 from collector.provision.grafana.common import (
@@ -47,7 +48,9 @@ def increase(where: str, by: tuple[str, ...]) -> str:
     )
 
 
-def _rate_panel(title: str, grid_pos: object, where: str, by: tuple[str, ...]) -> timeseries.Panel:
+def _rate_panel(
+    title: str, grid_pos: dm.GridPos, where: str, by: tuple[str, ...]
+) -> timeseries.Panel:
     alias = " ".join(f"$tag_{tag}" for tag in by)
     return series(
         title,

@@ -3,9 +3,7 @@ week profile (mean bikes per hour of the week, in the dashboard's time zone)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from grafana_foundation_sdk.builders import barchart, table, timeseries
+from grafana_foundation_sdk.builders import barchart, geomap, table, timeseries
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.models import dashboard as dm
 
@@ -69,7 +67,7 @@ def hourly() -> timeseries.Panel:
 def week_profile_transformations(timezone: str) -> list[dm.DataTransformerConfig]:
     """InfluxQL cannot fold time; Grafana folds it: each hourly mean's time becomes its hour of
     the week in the systems' time zone, then the weeks are averaged per hour."""
-    steps: list[tuple[str, dict[str, Any]]] = [
+    steps: list[tuple[str, dict[str, object]]] = [
         (
             "formatTime",
             {"timeField": "Time", "outputFormat": HOUR_OF_WEEK_FORMAT, "timezone": timezone},
@@ -148,7 +146,7 @@ def nearby_query() -> InfluxQL:
     return InfluxQL(S.bucket, query, result_format="table")
 
 
-def nearby_map() -> Any:
+def nearby_map() -> geomap.Panel:
     return station_geomap("Stations within ${radius_m} m", grid(0, 27, 10, 10), nearby_query())
 
 
