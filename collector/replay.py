@@ -22,11 +22,11 @@ from collector.contract import STATION_FLOW, TRIPS_BUCKET, Precision
 from collector.http import redact_url
 from collector.lineprotocol import Encoder, Row
 from collector.logs import event
-from collector.provision.influxdb import duration_secs
+from collector.provision.influxdb import duration_secs, v3_retention_secs
 from collector.retry import Failure
 from collector.settings import InfluxDBSettings, Settings
 from collector.sinks.base import Sink, WriteReport
-from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, make_writer
+from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, InfluxV3Writer, make_writer
 from collector.sources import gbfs
 from collector.sources.trips import Flows, Progress, TripFileError, read_file
 
@@ -132,8 +132,8 @@ class Retention:
 
 def read_retention(influxdb: InfluxDBSettings, bucket: str) -> Retention:
     """The retention the server applies to writes into ``bucket`` (its configured name): the
-    1.x database's retention policy (``retention_policy``, else the default one), or the 2.x
-    bucket's expire rule.
+    1.x database's retention policy (``retention_policy``, else the default one), the 2.x
+    bucket's expire rule, or the 3.x database's retention period.
 
     Raises Failure when the server cannot be reached or refuses us, PreflightError when the
     bucket does not exist (or the token cannot see it).
@@ -143,6 +143,8 @@ def read_retention(influxdb: InfluxDBSettings, bucket: str) -> Retention:
     try:
         if isinstance(writer, InfluxV1Writer):
             secs = _v1_retention_secs(writer, bucket, influxdb.retention_policy, where)
+        elif isinstance(writer, InfluxV3Writer):
+            secs = _v3_retention_secs(writer, bucket, where)
         else:
             assert isinstance(writer, InfluxV2Writer)
             secs = _v2_retention_secs(writer, bucket, influxdb.org, where)
@@ -179,6 +181,26 @@ def _v1_retention_secs(
     raise PreflightError(
         f"database {database!r} at {where} has no retention policy {policy or '(default)'!r}"
     )
+
+
+def _v3_retention_secs(writer: InfluxV3Writer, database: str, where: str) -> int:
+    # GET /api/v3/configure/database?format=json lists each database's retention_period.
+    try:
+        databases = writer.databases()
+    except Failure as failure:
+        if failure.kind != "auth":
+            raise
+        raise PreflightError(
+            f"cannot list the databases at {where} to read {database!r}'s retention period: "
+            "the token may not (listing needs an admin token); use one that can, or write "
+            "without the pre-flight"
+        ) from None
+    if database not in databases:
+        raise PreflightError(
+            f"database {database!r} not found at {where}: run collector setup (a write would "
+            "create it with no retention period)"
+        )
+    return v3_retention_secs(databases[database])
 
 
 def _v2_retention_secs(writer: InfluxV2Writer, bucket: str, org: str, where: str) -> int:

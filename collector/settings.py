@@ -44,6 +44,7 @@ from collector.contract import (
     PRESSURE_BUCKET,
     TRIPS_BUCKET,
 )
+from collector.shard import Shard
 
 CONFIG_ENV = "COLLECTOR_CONFIG"
 
@@ -97,7 +98,8 @@ class _Section(BaseModel):
 
 class InfluxDBSettings(_Section):
     url: str = "http://127.0.0.1:8086"
-    api: Literal["v1", "v2"] = "v2"
+    # v3: InfluxDB 3 Core and Enterprise (one HTTP API; `org` unused, the token a Bearer one).
+    api: Literal["v1", "v2", "v3"] = "v2"
     org: str = "city"
     token: SecretStr | None = None
     token_file: ConfigPath | None = None
@@ -179,6 +181,23 @@ class GbfsSystemSettings(_Section):
 
 class GbfsSettings(_Section):
     systems: list[GbfsSystemSettings] = Field(default_factory=list)
+    shard: str | None = Field(
+        default=None, description='"K/N": this replica polls its share of the systems'
+    )
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_form(cls, shard: str | None) -> str | None:
+        if shard is not None:
+            Shard.parse(shard)  # raises ValueError, named as this key
+        return shard
+
+    def assigned(self) -> list[GbfsSystemSettings]:
+        """The systems this replica polls: all, or its shard's (``collector.shard``)."""
+        if self.shard is None:
+            return list(self.systems)
+        shard = Shard.parse(self.shard)
+        return [system for system in self.systems if shard.owns(system.name)]
 
     @field_validator("systems")
     @classmethod
@@ -279,10 +298,12 @@ class SetupSettings(_Section):
     """What ``collector setup`` creates besides buckets."""
 
     writer_token_file: ConfigPath | None = Field(
-        default=None, description="v2: write-only token for the collector, created once"
+        default=None,
+        description="v2, v3 Enterprise: write-only token for the collector, created once",
     )
     reader_token_file: ConfigPath | None = Field(
-        default=None, description="v2: read-only token for Grafana, created once"
+        default=None,
+        description="v2, v3 Enterprise: read-only token for Grafana, created once",
     )
     task_offset_secs: int = Field(
         default=300, ge=0, le=3600, description="downsampling runs this late, for late data"

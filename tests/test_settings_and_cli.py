@@ -47,7 +47,7 @@ def test_env_overrides_single_keys_and_lists(
     ("text", "named"),
     [
         ('[influxdb]\ntokn = "x"\n', "influxdb.tokn: unknown key"),
-        ('[influxdb]\napi = "v3"\n', "influxdb.api:"),
+        ('[influxdb]\napi = "v4"\n', "influxdb.api:"),
         (
             '[influxdb]\nurl = "localhost:8086"\n',
             "influxdb.url: must be an http:// or https:// URL",

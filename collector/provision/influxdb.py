@@ -9,6 +9,10 @@ only be read when it is created).
 
 InfluxDB 1.x: a database per bucket whose default retention policy has the bucket's duration,
 and a continuous query per ``DOWNSAMPLES`` entry.
+
+InfluxDB 3 (Core, Enterprise): a database per bucket with the bucket's retention period, and on
+Enterprise a write token for the collector and a read token for Grafana. 3.x has no tasks or
+continuous queries: downsampling is the user's to configure (README, "Downsampling").
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ from collector.contract import (
 )
 from collector.retry import Failure
 from collector.settings import Settings
-from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer
+from collector.sinks.influxdb import InfluxV1Writer, InfluxV2Writer, InfluxV3Writer
 
-StepOutcome = Literal["created", "updated", "unchanged", "kept"]
+# "manual": the server cannot do it through its API; the detail says what the user must do.
+StepOutcome = Literal["created", "updated", "unchanged", "kept", "manual"]
 
 # The collector (and `collector replay`, with the same config) writes these; Grafana reads all.
 WRITTEN_BUCKETS = (BIKES_BUCKET, PRESSURE_BUCKET, ANOMALIES_BUCKET, COLLECTOR_BUCKET, TRIPS_BUCKET)
@@ -403,6 +408,143 @@ def setup_v2(settings: Settings, writer: InfluxV2Writer) -> list[Step]:
     return steps
 
 
+# ---------------------------------------------------------------------------------- 3.x
+
+# Retention period units of InfluxDB 3 ("Create a database", "Retention period syntax":
+# m, h, d, w, mo, y; "none" is forever, and "0d" would expire everything at once).
+_V3_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800, "mo": 30 * 86400, "y": 365 * 86400}
+
+
+def v3_retention(hours: float) -> str | None:
+    """The retention period to create a database with; None (omitted) keeps data forever."""
+    if hours == 0:
+        return None
+    minutes = round(hours * 60)
+    return f"{minutes // 60}h" if minutes % 60 == 0 else f"{minutes}m"
+
+
+def v3_retention_secs(period: str | None) -> int:
+    """Seconds in a retention period as InfluxDB 3 lists it; 0 = forever ("none" or absent)."""
+    if period is None or period.strip() in ("", "none"):
+        return 0
+    total = 0
+    for number, unit in re.findall(r"(\d+)\s*(mo|y|w|d|h|m)", period):
+        total += int(number) * _V3_UNITS[unit]
+    return total
+
+
+def setup_v3(settings: Settings, writer: InfluxV3Writer) -> list[Step]:
+    steps: list[Step] = []
+    existing = writer.databases()
+    for logical in BUCKETS:
+        config = settings.buckets.of(logical)
+        name, hours = config.name, config.retention_hours
+        wanted = describe_retention(hours)
+        if name not in existing:
+            doc: dict[str, Any] = {"db": name}
+            period = v3_retention(hours)
+            if period is not None:
+                doc["retention_period"] = period
+            writer.configure("POST", "/api/v3/configure/database", doc)
+            steps.append(Step("database", name, "created", f"retention {wanted}"))
+        elif v3_retention_secs(existing[name]) == round(hours * 3600):
+            steps.append(Step("database", name, "unchanged", f"retention {wanted}"))
+        else:
+            # Core cannot change a retention period after creation ("Retention periods are
+            # immutable in Core"); we do not guess Enterprise's update call either.
+            steps.append(
+                Step(
+                    "database",
+                    name,
+                    "manual",
+                    f"retention is {existing[name] or 'none'} on the server, {wanted} here: "
+                    "Enterprise: `influxdb3 update database --retention-period`; Core: "
+                    "recreate the database",
+                )
+            )
+    for ds in DOWNSAMPLES:
+        steps.append(
+            Step(
+                "downsampling",
+                f"{ds.source.name} -> {ds.target.name}",
+                "manual",
+                "InfluxDB 3 has no tasks or continuous queries: see README, Downsampling",
+            )
+        )
+
+    names = settings.buckets.names()
+    tokens = (
+        (
+            "writer token",
+            settings.setup.writer_token_file,
+            # Write on what the collector writes; read on trips for the replay's pre-flight.
+            [
+                {
+                    "resource_type": "db",
+                    "resource_identifier": [names[b] for b in WRITTEN_BUCKETS],
+                    "actions": ["write"],
+                },
+                {
+                    "resource_type": "db",
+                    "resource_identifier": [names[TRIPS_BUCKET]],
+                    "actions": ["read"],
+                },
+            ],
+            "livestack collector",
+        ),
+        (
+            "reader token",
+            settings.setup.reader_token_file,
+            [
+                {
+                    "resource_type": "db",
+                    "resource_identifier": [names[b] for b in BUCKETS],
+                    "actions": ["read"],
+                }
+            ],
+            "livestack grafana: read",
+        ),
+    )
+    for what, path, permissions, token_name in tokens:
+        if path is None:
+            continue
+        if path.is_file() and path.read_text().strip():
+            steps.append(Step(what, str(path), "kept"))
+            continue
+        # Resource tokens are Enterprise's ("Resource tokens are user-defined and available
+        # only in InfluxDB 3 Enterprise"): POST /api/v3/enterprise/configure/token; Core has
+        # no such route and answers 404.
+        try:
+            created = writer.configure(
+                "POST",
+                "/api/v3/enterprise/configure/token",
+                {"token_name": token_name, "permissions": permissions},
+            )
+        except Failure as failure:
+            if failure.status != 404:
+                raise
+            steps.append(
+                Step(
+                    what,
+                    str(path),
+                    "manual",
+                    "InfluxDB 3 Core has no database tokens: write an admin token "
+                    "(`influxdb3 create token --admin`) to this file yourself",
+                )
+            )
+            continue
+        secret = created.get("token") if isinstance(created, dict) else None
+        if not isinstance(secret, str) or not secret:
+            raise Failure("rejected", "create token: no token in the answer", stage="write")
+        write_secret(path, secret)
+        summary = "; ".join(
+            f"{'/'.join(p['actions'])} on {len(p['resource_identifier'])} databases"
+            for p in permissions
+        )
+        steps.append(Step(what, str(path), "created", summary))
+    return steps
+
+
 def write_secret(path: Path, secret: str) -> None:
     """Write ``secret`` readable by its owner only; never through a world-readable moment."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +564,12 @@ def setup(settings: Settings) -> list[Step]:
             return setup_v1(settings, client)
         finally:
             client.close()
+    if settings.influxdb.api == "v3":
+        writer3 = InfluxV3Writer(settings.influxdb)
+        try:
+            return setup_v3(settings, writer3)
+        finally:
+            writer3.close()
     writer = InfluxV2Writer(settings.influxdb)
     try:
         return setup_v2(settings, writer)

@@ -1,6 +1,7 @@
-"""Line protocol into InfluxDB 2.x (``/api/v2/write`` via influxdb-client) or 1.x (``/write``).
+"""Line protocol into InfluxDB 2.x (``/api/v2/write`` via influxdb-client), 1.x (``/write``) or
+3.x Core/Enterprise (``/api/v3/write_lp``).
 
-Both share one write path: batches of at most ``batch_lines``, gzip at a cheap level, retries
+All share one write path: batches of at most ``batch_lines``, gzip at a cheap level, retries
 of transient failures with backoff and jitter honouring ``Retry-After``, 413 answered by
 splitting the batch, 401/403 raised to stop the collector, other 4xx logged with the server's
 message and counted. We send our own batches synchronously rather than use the client's
@@ -50,6 +51,11 @@ def _server_message(body: bytes | str | None) -> str:
 
 
 # 1.x answers 400, 2.x 422; the points not named were written.
+# Connections kept to the server: every source thread may write at once (the scheduler's
+# shared workers, patients' flusher, the spool's drainer, the report). requests' default of 10
+# logs "connection pool is full" and opens a fresh socket per write past it.
+WRITER_CONNECTIONS = 64
+
 _BEYOND_RETENTION = re.compile(r"points beyond retention policy dropped=(\d+)")
 
 
@@ -58,6 +64,15 @@ def _beyond_retention(failure: Failure) -> int | None:
         return None
     match = _BEYOND_RETENTION.search(str(failure))
     return int(match.group(1)) if match else None
+
+
+class PartialWrite(Failure):
+    """InfluxDB 3's 400 "partial write of line protocol occurred": the lines it names (by their
+    1-based number in the request body, with the reason) were refused, all others written."""
+
+    def __init__(self, message: str, refused: Mapping[int, str], status: int) -> None:
+        super().__init__("rejected", message, stage="write", status=status)
+        self.refused = dict(refused)
 
 
 class InfluxWriter:
@@ -102,12 +117,12 @@ class InfluxWriter:
         try:
             self._send(name, b"", False, "s")
         except Failure as failure:
-            if failure.status == 400 and "writing requires points" in str(failure):
+            if self._authorised_empty_write(failure):
                 return
             if failure.kind == "auth":
                 raise AuthError(self.refused(f"writing to {name!r}", failure)) from None
             if failure.status == 404:
-                kind = "database" if self.settings.api == "v1" else "bucket"
+                kind = "bucket" if self.settings.api == "v2" else "database"
                 raise Failure(
                     "rejected",
                     f"{kind} {name!r} does not exist: run `collector setup`",
@@ -115,6 +130,10 @@ class InfluxWriter:
                     status=404,
                 ) from None
             raise
+
+    def _authorised_empty_write(self, failure: Failure) -> bool:
+        """The answer to an empty write that still proves the credentials were accepted."""
+        return failure.status == 400 and "writing requires points" in str(failure)
 
     def refused(self, doing: str, failure: Failure) -> str:
         """What to check when the server refuses the credentials, in this API's terms."""
@@ -124,6 +143,8 @@ class InfluxWriter:
                 "check username and password_file (or token), and that the user has the "
                 "privilege this needs"
             )
+        elif self.settings.api == "v3":
+            what = "check the token (an admin token, or a database token that may write there)"
         else:
             what = f"check the token, its permission on the bucket, and org {self.settings.org!r}"
         return f"{where} (HTTP {failure.status}) {doing}: {what}"
@@ -167,6 +188,8 @@ class InfluxWriter:
             except Failure as failure:
                 if failure.kind == "auth":
                     raise AuthError(self.refused(f"writing to {bucket!r}", failure)) from None
+                if isinstance(failure, PartialWrite):
+                    return self._partial(bucket, lines, failure)
                 dropped = _beyond_retention(failure)
                 if dropped is not None:
                     return self._beyond(bucket, lines, failure, dropped)
@@ -237,6 +260,41 @@ class InfluxWriter:
             refused=[(list(lines), rejected)],
         )
 
+    def _partial(self, bucket: str, lines: Sequence[str], failure: PartialWrite) -> WriteReport:
+        """InfluxDB 3 kept every line it did not name; each named one is dead-lettered with the
+        server's own reason (a retry of it can only fail again)."""
+        refused: list[tuple[list[str], Failure]] = []
+        for number, message in sorted(failure.refused.items()):
+            if not 1 <= number <= len(lines):
+                continue  # a number beyond this batch cannot be one of our lines
+            refused.append(
+                (
+                    [lines[number - 1]],
+                    Failure(
+                        "rejected",
+                        f"HTTP {failure.status}: line {number}: {message}",
+                        stage="write",
+                        status=failure.status,
+                        reason="partial_write",
+                    ),
+                )
+            )
+        event(
+            log,
+            logging.ERROR,
+            "write_partial",
+            bucket=bucket,
+            lines=len(lines),
+            refused=len(refused),
+            detail=str(refused[0][1]) if refused else str(failure),
+        )
+        return WriteReport(
+            written=len(lines) - len(refused),
+            rejected=len(refused),
+            errors=[f for _, f in refused],
+            refused=refused,
+        )
+
     def _give_up(
         self, bucket: str, lines: Sequence[str], failure: Failure, attempts: int, retries: int
     ) -> WriteReport:
@@ -258,18 +316,13 @@ class InfluxWriter:
         return WriteReport(rejected=len(lines), errors=[failure], refused=[(list(lines), failure)])
 
 
-class InfluxV1Writer(InfluxWriter):
-    """InfluxDB 1.x: ``POST /write?db=&rp=&precision=`` (1.6 has no /api/v2 at all)."""
+class _SessionWriter(InfluxWriter):
+    """Plain HTTP through one requests session (1.x and 3.x need no client library)."""
 
     def __init__(self, settings: InfluxDBSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
         self._session = requests.Session()
         self._session.verify = settings.verify_tls
-        token = settings.resolved_token()
-        if settings.username:
-            self._session.auth = (settings.username, settings.resolved_password() or "")
-        elif token:
-            self._session.headers["Authorization"] = f"Token {token}"
 
     def close(self) -> None:
         super().close()
@@ -297,6 +350,18 @@ class InfluxV1Writer(InfluxWriter):
             retry_after_secs=parse_retry_after(resp.headers.get("Retry-After"), time.time()),
         )
 
+
+class InfluxV1Writer(_SessionWriter):
+    """InfluxDB 1.x: ``POST /write?db=&rp=&precision=`` (1.6 has no /api/v2 at all)."""
+
+    def __init__(self, settings: InfluxDBSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        token = settings.resolved_token()
+        if settings.username:
+            self._session.auth = (settings.username, settings.resolved_password() or "")
+        elif token:
+            self._session.headers["Authorization"] = f"Token {token}"
+
     def _send(self, bucket: str, body: bytes, gzipped: bool, precision: Precision) -> None:
         params = {"db": bucket, "precision": precision}
         if self.settings.retention_policy:
@@ -322,7 +387,8 @@ class InfluxV1Writer(InfluxWriter):
 
     def ping(self) -> str:
         resp = self._request("GET", "/ping")
-        self._check(resp, (204,))
+        # 1.x answers 204; 3.x answers 200, and its version header is how api_mismatch tells.
+        self._check(resp, (200, 204))
         return resp.headers.get("X-Influxdb-Version", "1.x")
 
 
@@ -341,6 +407,7 @@ class InfluxV2Writer(InfluxWriter):
             verify_ssl=settings.verify_tls,
             retries=False,
             enable_gzip=False,
+            connection_pool_maxsize=WRITER_CONNECTIONS,
         )
         self._write_service = WriteService(self._client.api_client)
 
@@ -393,6 +460,124 @@ class InfluxV2Writer(InfluxWriter):
         return str(self.call("ping", self._client.version))
 
 
+# InfluxDB 3's names for the contract's precisions ("Use the v3 write_lp API to write data",
+# docs.influxdata.com/influxdb3/core/write-data/http-api/v3-write-lp/: auto, nanosecond,
+# microsecond, millisecond, second). Always sent: "auto" guesses from the magnitude.
+_V3_PRECISION: dict[str, str] = {
+    "s": "second",
+    "ms": "millisecond",
+    "us": "microsecond",
+    "ns": "nanosecond",
+}
+_V3_PARTIAL = "partial write of line protocol occurred"
+
+
+def _partial_lines(body: bytes) -> dict[int, str]:
+    """Line number -> reason, from InfluxDB 3's partial-write answer (400 with
+    ``{"error": "partial write of line protocol occurred", "data": [{"original_line",
+    "line_number", "error_message"}]}``, same page, "Accept partial writes"); empty when the
+    400 is anything else."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict) or doc.get("error") != _V3_PARTIAL:
+        return {}
+    data = doc.get("data")
+    refused: dict[int, str] = {}
+    for item in data if isinstance(data, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("line_number"), int):
+            refused[item["line_number"]] = str(item.get("error_message") or "refused")[:300]
+    return refused
+
+
+class InfluxV3Writer(_SessionWriter):
+    """InfluxDB 3 Core and Enterprise (one HTTP API): ``POST /api/v3/write_lp?db=&precision=``
+    with ``accept_partial=true`` (the default, said explicitly), so that a line the server
+    refuses costs that line only; databases, retention periods and tokens under
+    ``/api/v3/configure/``. Tokens are sent as ``Authorization: Bearer``."""
+
+    def __init__(self, settings: InfluxDBSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        token = settings.resolved_token()
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
+
+    def _send(self, bucket: str, body: bytes, gzipped: bool, precision: Precision) -> None:
+        params = {"db": bucket, "precision": _V3_PRECISION[precision], "accept_partial": "true"}
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        resp = self._request("POST", "/api/v3/write_lp", params=params, data=body, headers=headers)
+        if resp.status_code == 400:
+            refused = _partial_lines(resp.content)
+            if refused:
+                raise PartialWrite(f"HTTP 400: {_V3_PARTIAL}", refused, 400)
+        # The docs show 204; any 2xx is a write the server took.
+        self._check(resp, (200, 204))
+
+    def _authorised_empty_write(self, failure: Failure) -> bool:
+        # Authentication is answered first (401/403); how 3.x answers an empty body once
+        # authorised is not documented, so any other 4xx but 404 still proves the token.
+        return failure.kind == "http_4xx" and failure.status != 404
+
+    def probe(self, bucket: str) -> None:
+        """As for 1.x/2.x, and first: the database must exist, because InfluxDB 3 creates a
+        missing one at the first write, silently, with no retention period. Listing needs an
+        admin token; with a database token that may not list, the write probe alone answers."""
+        name = self._names.get(bucket, bucket)
+        try:
+            databases = self.databases()
+        except Failure as failure:
+            if failure.kind != "auth":
+                raise
+        else:
+            if name not in databases:
+                raise Failure(
+                    "rejected",
+                    f"database {name!r} does not exist: run `collector setup` (InfluxDB 3 "
+                    "would create it at the first write, with no retention period)",
+                    stage="write",
+                    status=404,
+                )
+        super().probe(bucket)
+
+    def configure(self, method: str, path: str, doc: Mapping[str, Any] | None = None) -> Any:
+        """A ``/api/v3/configure/...`` or ``/api/v3/enterprise/configure/...`` call; its JSON
+        answer (None when it has no body)."""
+        resp = self._request(method, path, json=doc, headers={"Accept": "application/json"})
+        self._check(resp, (200, 201, 204))
+        return resp.json() if resp.content.strip() else None
+
+    def databases(self) -> dict[str, str | None]:
+        """Database name -> its retention period as the server says it ("30d", "none"; None
+        when not given). ``GET /api/v3/configure/database?format=json`` ("List databases"):
+        newer servers answer ``[{"db", "retention_period"}]``, older ``[{"iox::database"}]``."""
+        resp = self._request("GET", "/api/v3/configure/database", params={"format": "json"})
+        self._check(resp, (200,))
+        found: dict[str, str | None] = {}
+        rows = resp.json()
+        for row in rows if isinstance(rows, list) else []:
+            name = row.get("db", row.get("iox::database"))
+            if isinstance(name, str):
+                period = row.get("retention_period")
+                found[name] = str(period) if period is not None else None
+        return found
+
+    def ping(self) -> str:
+        # GET /ping answers 200 with x-influxdb-version (and a JSON body with "version");
+        # 1.x/2.x answer 204 with the same header, which is how the flavour is told apart.
+        resp = self._request("GET", "/ping")
+        self._check(resp, (200, 204))
+        version = resp.headers.get("X-Influxdb-Version")
+        if not version and resp.content.strip():
+            try:
+                version = str(resp.json().get("version") or "")
+            except (ValueError, AttributeError):
+                version = ""
+        return version or "unknown"
+
+
 def api_mismatch(api: str, version: str) -> str | None:
     """Why a server of ``version`` (its /ping header) cannot serve the configured ``api``."""
     major = version.lstrip("v").split(".", 1)[0]
@@ -405,6 +590,18 @@ def api_mismatch(api: str, version: str) -> str | None:
         return (
             f"the server is InfluxDB {version}: its databases are buckets, made with the v2 "
             'API: set [influxdb] api = "v2" with org and token'
+        )
+    if api == "v3" and major in ("1", "2"):
+        return (
+            f"the server is InfluxDB {version}, which has no v3 API (/api/v3/write_lp, "
+            f'databases with retention periods): set [influxdb] api = "v{major}"'
+        )
+    if api in ("v1", "v2") and major == "3":
+        # 3.x also takes /write and /api/v2/write, but setup's retention policies,
+        # continuous queries, buckets and tasks do not exist there.
+        return (
+            f"the server is InfluxDB {version} (3.x Core or Enterprise): set [influxdb] "
+            'api = "v3" with its token'
         )
     return None
 
@@ -428,4 +625,6 @@ def flavour_problem(settings: InfluxDBSettings) -> str | None:
 def make_writer(settings: InfluxDBSettings, **kwargs: Any) -> InfluxWriter:
     if settings.api == "v1":
         return InfluxV1Writer(settings, **kwargs)
+    if settings.api == "v3":
+        return InfluxV3Writer(settings, **kwargs)
     return InfluxV2Writer(settings, **kwargs)

@@ -37,8 +37,9 @@ def dashboards(settings: Settings) -> dict[str, Callable[[], db.Dashboard]]:
 
 
 def datasource_file(settings: Settings) -> dict[str, Any]:
-    """One InfluxQL datasource per bucket: InfluxDB 1.x and 3.x answer InfluxQL natively,
-    2.x through the DBRP mapping `collector setup` creates for each bucket."""
+    """One InfluxQL datasource per bucket: InfluxDB 1.x and 3.x answer InfluxQL natively (3.x
+    at the v1-compatible /query, a database per bucket), 2.x through the DBRP mapping
+    `collector setup` creates for each bucket."""
     grafana, influxdb = settings.grafana, settings.influxdb
     names = settings.buckets.names()
     sources = []
@@ -54,8 +55,9 @@ def datasource_file(settings: Settings) -> dict[str, Any]:
             "jsonData": {"version": "InfluxQL", "dbName": names[bucket], "httpMode": "POST"},
         }
         # Secrets are read by Grafana from files at start-up; never in this file.
-        if influxdb.api == "v2":
-            # The read-only token `collector setup` wrote.
+        if influxdb.api in ("v2", "v3"):
+            # The read-only token `collector setup` wrote (3.x: Enterprise's database token, or
+            # on Core an admin token put there by hand); 3.x's /query takes it as "Token".
             token = f"$__file{{{grafana.reader_token_file}}}"
             source["jsonData"]["httpHeaderName1"] = "Authorization"
             source["secureJsonData"] = {"httpHeaderValue1": f"Token {token}"}
