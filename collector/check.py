@@ -8,7 +8,9 @@ run, with nothing to add here.
 
 from __future__ import annotations
 
+from collector import limits
 from collector.archive import open_archive
+from collector.contract import STATION_STATUS
 from collector.http import redact_url
 from collector.jobs import Job, build_jobs
 from collector.retry import Failure
@@ -27,7 +29,8 @@ def check(config: Settings) -> int:
     must change (refused credentials, the wrong API flavour, an archive that cannot be
     written), 1 when something else failed (a feed, a missing bucket)."""
     # Built as for `run --once`: nothing is written (check() polls without writing).
-    sources, report = build_jobs(config, StdoutSink(), Counters(), Fatal(), once=True)
+    counters = Counters()
+    sources, report = build_jobs(config, StdoutSink(), counters, Fatal(), once=True)
     buckets = list(dict.fromkeys(b for job in (*sources, report) for b in job.buckets))
     database = _database(config, buckets)
     print(_spool(config))
@@ -37,6 +40,7 @@ def check(config: Settings) -> int:
         print("sources: none configured (add [[gbfs.systems]] or [pressure] url)")
     for job in sources:
         ok = _source(job) and ok
+    _limits(config, counters.stations())
     if database == _SETTINGS or not archive:
         return 2
     return 0 if ok else 1
@@ -91,6 +95,18 @@ def _database(config: Settings, buckets: list[str]) -> str:
         return _SETTINGS if failure.kind == "auth" else _FAILED
     finally:
         writer.close()
+
+
+def _limits(config: Settings, stations: dict[str, int]) -> None:
+    """The polled systems' stations held against the server's limits (a warning, not a
+    failure: the server may have been configured past its defaults)."""
+    if not stations:
+        return
+    bucket = config.buckets.of(STATION_STATUS.bucket).name
+    for warning in limits.warnings(
+        config.influxdb.api, sum(stations.values()), bucket, estimated=False
+    ):
+        print(f"limits: warning: {warning}")
 
 
 def _spool(config: Settings) -> str:

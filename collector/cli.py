@@ -11,12 +11,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from collector import __version__, logs, replay, settings
+from collector import __version__, limits, logs, replay, settings
 from collector.archive import open_archive
-from collector.contract import TRIPS_BUCKET
+from collector.contract import STATION_STATUS, TRIPS_BUCKET
 from collector.http import redact_url
 from collector.retry import Failure
 from collector.scheduler import Scheduler
+from collector.shard import Shard
 from collector.sinks.base import AuthError, Fatal, Sink
 from collector.sinks.influxdb import flavour_problem, make_writer
 from collector.sinks.spool import DeadLetters, Spool, SpoolBusy, SpoolingSink
@@ -33,6 +34,12 @@ def _fail(message: object, code: int = EXIT_CONFIG) -> int:
     """The error-and-exit path of every command: one line on stderr, the exit code back."""
     print(f"collector: {message}", file=sys.stderr)
     return code
+
+
+_SHARD_HELP = (
+    "K/N: poll only replica K's share of the GBFS systems, of N replicas (default: "
+    "gbfs.shard, or all); give each replica its own spool.dir"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,11 +65,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = command("run", "poll every configured source and write to InfluxDB")
     run.add_argument("--once", action="store_true", help="one poll of every source, then exit")
+    run.add_argument("--shard", help=_SHARD_HELP)
     run.add_argument(
         "--dry-run", action="store_true", help="print line protocol instead of writing"
     )
     command("setup", "create the buckets (v2) or databases (v1) the collector writes to")
-    command("check", "check configuration and connectivity, and print a report")
+    check = command("check", "check configuration and connectivity, and print a report")
+    check.add_argument("--shard", help=_SHARD_HELP)
     dashboards = command(
         "dashboards", "generate Grafana provisioning: datasource, dashboards, alerts"
     )
@@ -103,6 +112,27 @@ def _parser() -> argparse.ArgumentParser:
         help="IANA zone of the file's times (default: %(default)s)",
     )
     replay.add_argument("--dry-run", action="store_true", help="print line protocol instead")
+
+    systems = commands.add_parser(
+        "systems",
+        help="turn the GBFS catalogue (MobilityData's systems.csv) into [[gbfs.systems]]",
+        description="Turn the GBFS catalogue into [[gbfs.systems]] settings: one entry per "
+        "system, named from its System ID; those needing authentication commented out at the "
+        "end, with what they need.",
+    )
+    systems_commands = systems.add_subparsers(dest="action", required=True, metavar="{import}")
+    importing = systems_commands.add_parser(
+        "import", help="systems.csv -> TOML", description="systems.csv -> [[gbfs.systems]] TOML"
+    )
+    importing.add_argument("csv", type=Path, help="the catalogue (systems.csv)")
+    importing.add_argument("--country", help="only these country codes, e.g. NO,FR")
+    importing.add_argument(
+        "--version", dest="gbfs_version", help='only systems supporting e.g. ">=2.0", "<3", "2.3"'
+    )
+    importing.add_argument(
+        "--interval-secs", type=_between(1, 86_400, float), help="interval_secs of each entry"
+    )
+    importing.add_argument("--out", type=Path, help="write here instead of stdout")
 
     simulate = commands.add_parser(
         "simulate",
@@ -172,11 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "systems":
+        return _systems_import(args)
     try:
         config = settings.load(args.config)
     except settings.ConfigError as exc:
         return _fail(exc)
     logs.configure(config.log_level)
+    if getattr(args, "shard", None) is not None:
+        try:
+            gbfs = config.gbfs.model_copy(update={"shard": str(Shard.parse(args.shard))})
+        except ValueError as exc:
+            return _fail(f"--shard: {exc}")
+        config = config.model_copy(update={"gbfs": gbfs})
     try:
         commands = {
             "run": _run,
@@ -439,6 +477,15 @@ def _setup(config: settings.Settings, args: argparse.Namespace) -> int:
         # operator must change the config; retrying the same cannot help.
         code = EXIT_CONFIG if failure.kind == "auth" else EXIT_FAILURES
         return _fail(f"setup failed: {failure}", code)
+    # Before the first write: the systems' stations, estimated, against the server's limits.
+    systems = len(config.gbfs.systems)
+    for warning in limits.warnings(
+        config.influxdb.api,
+        limits.estimate_stations(systems),
+        config.buckets.of(STATION_STATUS.bucket).name,
+        estimated=True,
+    ):
+        print(f"limits: warning: {warning}")
     return EXIT_OK
 
 
@@ -463,6 +510,30 @@ def _check(config: settings.Settings, args: argparse.Namespace) -> int:
     from collector.check import check
 
     return check(config)
+
+
+def _systems_import(args: argparse.Namespace) -> int:
+    from collector import catalogue
+
+    try:
+        version = catalogue.VersionFilter(args.gbfs_version) if args.gbfs_version else None
+        chosen = catalogue.entries(
+            catalogue.read(args.csv),
+            countries=(args.country or "").split(","),
+            version=version,
+        )
+    except catalogue.CatalogueError as exc:
+        return _fail(exc)
+    if not chosen:
+        return _fail("no system in the catalogue passes those filters")
+    text = catalogue.to_toml(chosen, interval_secs=args.interval_secs)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        needs = sum(1 for e in chosen if e.auth)
+        print(f"{args.out}: {len(chosen) - needs} systems, {needs} needing authentication")
+    return EXIT_OK
 
 
 def _simulate(args: argparse.Namespace) -> int:

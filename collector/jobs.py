@@ -8,10 +8,12 @@ here, and one line in ``build_jobs``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -50,9 +52,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# At most this much jitter on a bike-share system's interval: spreads the systems' polls
-# without letting a long interval drift far from its cadence.
-MAX_GBFS_JITTER_SECS = 5.0
+# Bike-share systems polled at least this far apart close their connections after each poll:
+# servers close idle keep-alive connections sooner than that (commonly 5-60 s), and a socket
+# kept per system would take one file descriptor per system (1,520 for the world catalogue).
+RELEASE_CONNECTIONS_ABOVE_SECS = 30.0
+# A bike-share poll is on time when it starts within this share of its interval after its
+# slot: then the gap between two polls stays within 10% of the interval.
+ON_TIME_SHARE = 0.1
 # Patients' first slot, shared by all: this far after their jobs are made, time enough to add
 # them to the scheduler before it comes.
 PATIENT_START_DELAY_SECS = 0.05
@@ -100,28 +106,52 @@ class Cadence:
         self.interval_secs = interval_secs
         self.start_secs = start_secs
 
-    def on_time(self, started: float, finished: float) -> bool:
-        slot = self.start_secs + math.floor(
+    def slot(self, started: float) -> float:
+        """The latest slot at or before ``started``."""
+        return self.start_secs + math.floor(
             (started - self.start_secs) / self.interval_secs + 1e-9
         ) * (self.interval_secs)
-        return finished - slot <= self.interval_secs
+
+    def on_time(self, started: float, finished: float) -> bool:
+        return finished - self.slot(started) <= self.interval_secs
 
     def slots(self, now: float) -> int:
         """Polls scheduled from start until ``now``."""
         return max(0, math.floor((now - self.start_secs) / self.interval_secs) + 1)
 
 
-class GbfsJob:
-    """One bike-share system: a poll writes its own batch and logs one line."""
+def spread_offset_secs(name: str, interval_secs: float) -> float:
+    """Where in its first interval a system's first poll falls: a stable hash of its name
+    spread uniformly over the interval, so that a thousand systems do not all start at once
+    (and a restart keeps each system's place in the minute)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest) / 2**64 * interval_secs
 
-    def __init__(self, system: GbfsSystem, sink: Sink, counters: Counters) -> None:
+
+class GbfsJob:
+    """One bike-share system: a poll writes its own batch and logs one line.
+
+    Its slots are ``start_secs + k * interval_secs`` with no jitter: the start itself is spread
+    over the first interval (``spread_offset_secs``), and a jittered slot would drift (the
+    scheduler adds the next interval to the jittered time) and defeat the ttl rule."""
+
+    def __init__(
+        self,
+        system: GbfsSystem,
+        sink: Sink,
+        counters: Counters,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.system = system
         self.name = system.name
         self.kind = "gbfs"
         self.buckets: tuple[str, ...] = (STATION_STATUS.bucket,)
         self.interval_secs = system.settings.interval_secs
-        self.jitter_secs = min(self.interval_secs / 10, MAX_GBFS_JITTER_SECS)
-        self.start_secs = time.time()
+        self.jitter_secs = 0.0
+        self._clock = clock
+        self.start_secs = clock() + spread_offset_secs(self.name, self.interval_secs)
+        self.cadence = Cadence(self.interval_secs, self.start_secs)
         self._sink = sink
         self._counters = counters
         # One encoder per job: its caches are then touched by one thread at a time.
@@ -129,16 +159,31 @@ class GbfsJob:
         counters.expect_feed(self.name)
 
     def run(self) -> PollSummary:
+        try:
+            return self._run()
+        finally:
+            if self.interval_secs >= RELEASE_CONNECTIONS_ABOVE_SECS:
+                self.system.release()
+
+    def _run(self) -> PollSummary:
         name = self.name
         counters = self._counters
+        started = self._clock()
+        # A run --once starts before the first slot: its slot is then now.
+        slot = started if started < self.start_secs else self.cadence.slot(started)
+        on_time = started - slot <= self.interval_secs * ON_TIME_SHARE
+        counters.add(name, "schedule", "on_time" if on_time else "late")
         try:
-            poll = self.system.poll()
+            poll = self.system.poll(slot)
         except Failure as failure:
             counters.failed(name, "poll_failed", failure)
             return PollSummary(name, False, "failed")
         for error in poll.errors:
             counters.failed(name, "feed_failed", error)
-        if poll.outcome == "backing_off":
+        if poll.outcome in ("backing_off", "fresh"):
+            # Counted so that the summary shows skips; a skip is normal when the feed's ttl is
+            # longer than the interval, and a sign of trouble when it is not.
+            counters.add(name, "poll", poll.outcome)
             return PollSummary(name, True, poll.outcome)
         counters.add(name, "fetch", "ok")
         for kind, n in poll.quality.items():
@@ -174,6 +219,8 @@ class GbfsJob:
     def check(self) -> str:
         system = self.system
         poll = system.poll()
+        # Counted so that `collector check` can hold the stations against server limits.
+        self._counters.feed(self.name, poll.feed_time or 0, poll.stations)
         age = f", data {time.time() - poll.feed_time:.0f}s old" if poll.feed_time else ""
         quality = ", ".join(f"{k} {n}" for k, n in sorted(poll.quality.items()))
         if system.settings.url is None:
@@ -286,7 +333,12 @@ class TelemetryJob:
     jitter_secs = 0.0
 
     def __init__(
-        self, settings: Settings, sink: Sink, counters: Counters, patients: list[str]
+        self,
+        settings: Settings,
+        sink: Sink,
+        counters: Counters,
+        patients: list[str],
+        systems: list[str] | None = None,
     ) -> None:
         self.interval_secs = float(settings.telemetry_interval_secs)
         self.start_secs = time.time() + self.interval_secs
@@ -294,13 +346,19 @@ class TelemetryJob:
         self._counters = counters
         self._patients = frozenset(patients)
         self._patients_logged: dict[str, int] = {}
+        self._systems = frozenset(systems or ())
+        self._systems_logged: dict[str, int] = {}
         self._encoders = {m.name: Encoder(m) for m in (EVENTS, FEED, WRITES, SPOOL)}
         self._lock = threading.Lock()  # the last report (at shutdown) may overlap a late one
 
     def run(self) -> PollSummary:
         with self._lock:
-            if self._patients:
-                self._log_patients(self._counters.snapshot())
+            if self._patients or self._systems:
+                counts = self._counters.snapshot()
+                if self._patients:
+                    self._log_patients(counts)
+                if self._systems:
+                    self._log_systems(counts)
             lines: list[str] = []
             for name, rows in self._counters.rows(time.time(), self._sink.metrics()).items():
                 lines += self._encoders[name].lines(rows)[0]
@@ -326,6 +384,26 @@ class TelemetryJob:
         since = {k: v - self._patients_logged.get(k, 0) for k, v in totals.items()}
         self._patients_logged = totals
         event(log, logging.INFO, "patients", patients=len(self._patients), **since)
+
+    def _log_systems(self, counts: dict[tuple[str, str, str], int]) -> None:
+        """One INFO line per report for all bike-share systems: how many polls started, how
+        many late, and how many were skipped (fresh by the feed's ttl, or backing off), which
+        the per-poll lines (one per write) do not show."""
+        totals = dict.fromkeys(("polls", "late", "fresh", "backing_off", "failed"), 0)
+        for (source, stage, result), n in counts.items():
+            if source not in self._systems:
+                continue
+            if stage == "schedule":
+                totals["polls"] += n
+                if result == "late":
+                    totals["late"] += n
+            elif stage == "poll" and result in ("fresh", "backing_off"):
+                totals[result] += n
+            elif stage in ("fetch", "parse", "poll") and result not in ("ok", "cancelled"):
+                totals["failed"] += n
+        since = {k: v - self._systems_logged.get(k, 0) for k, v in totals.items()}
+        self._systems_logged = totals
+        event(log, logging.INFO, "systems", systems=len(self._systems), **since)
 
     def check(self) -> str:
         return "ok"  # its own counts: nothing outside to ask
@@ -359,7 +437,7 @@ def build_jobs(
     """
     jobs: list[Job] = [
         GbfsJob(GbfsSystem(system, archive=archive), sink, counters)
-        for system in settings.gbfs.systems
+        for system in settings.gbfs.assigned()
     ]
     patients: list[str] = []
     source = settings.pressure
@@ -387,4 +465,5 @@ def build_jobs(
             for poller in pollers
         ]
         patients = [f"patient-{patient}" for patient in source.patients]
-    return Jobs(jobs, TelemetryJob(settings, sink, counters, patients))
+    systems = [system.name for system in settings.gbfs.assigned()]
+    return Jobs(jobs, TelemetryJob(settings, sink, counters, patients, systems))

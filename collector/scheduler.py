@@ -1,10 +1,12 @@
 """Runs uniform jobs (``collector.jobs.Job``) on their own schedules, and stops them in time.
 
-Each job is one APScheduler job (``max_instances=1``, ``coalesce``) on a thread pool with a
-thread per job, so a slow or failing source never delays another. The scheduler knows no kind
-of source: it adds every job the same way, runs them once for ``run --once``, and shuts them
-down within Docker's grace. Only ``AuthError`` stops it, through the one ``Fatal`` holder,
-since no retry can fix refused credentials.
+Each job is one APScheduler job (``max_instances=1``, ``coalesce``) on a bounded thread pool
+(``pool_size``): a thread for each job polled more often than every ``SHARED_ABOVE_SECS`` (a
+patient's cadence is the point), and up to ``SHARED_WORKERS`` shared by the rest (a thousand
+bike-share systems polled every minute need a few dozen threads, not a thousand). The
+scheduler knows no kind of source: it adds every job the same way, runs them once for
+``run --once``, and shuts them down within Docker's grace. Only ``AuthError`` stops it,
+through the one ``Fatal`` holder, since no retry can fix refused credentials.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 # Docker sends SIGKILL 10 s after SIGTERM. Polls in flight get this long to finish their
 # writes; then everything goes to the spool, and a write still in flight ends at its timeout.
 SHUTDOWN_GRACE_SECS = 4.0
+# Jobs polled at least this far apart share the pool's workers.
+SHARED_ABOVE_SECS = 5.0
+# Workers shared by them: the world catalogue at 60 s is ~25 polls a second of 10-200 ms each,
+# and this many also absorb a few dozen feeds hanging until their 10 s timeout.
+SHARED_WORKERS = 48
 # How soon refused credentials, met in any thread, end run(): the time it may take to notice.
 _STOP_CHECK_SECS = 0.1
 
@@ -82,13 +89,13 @@ class Scheduler:
         """Run every job once, concurrently; everything is written before this returns."""
         if not self.jobs:
             return []
-        with _Pool(max_workers=len(self.jobs)) as pool:
+        with _Pool(max_workers=pool_size(self.jobs)) as pool:
             return list(pool.map(lambda job: job.run(), self.jobs))
 
     def run(self, stop: threading.Event) -> None:
         """Run the jobs on schedule until ``stop`` is set (or credentials are refused)."""
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=len(self.jobs) + 1)},
+            executors={"default": ThreadPoolExecutor(max_workers=pool_size(self.jobs))},
             timezone=UTC,
         )
         for job in (*self.jobs, self.report):
@@ -162,3 +169,10 @@ class Scheduler:
             self._fatal.stop(exc)
         if time.monotonic() > deadline:
             self._sink.stop_retrying()
+
+
+def pool_size(jobs: Sequence[Job]) -> int:
+    """Workers for ``jobs`` and the report: a thread for each job polled more often than every
+    ``SHARED_ABOVE_SECS``, at most ``SHARED_WORKERS`` for the rest."""
+    frequent = sum(1 for job in jobs if job.interval_secs < SHARED_ABOVE_SECS)
+    return frequent + min(len(jobs) - frequent, SHARED_WORKERS) + 1

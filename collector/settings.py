@@ -44,6 +44,7 @@ from collector.contract import (
     PRESSURE_BUCKET,
     TRIPS_BUCKET,
 )
+from collector.shard import Shard
 
 CONFIG_ENV = "COLLECTOR_CONFIG"
 
@@ -180,6 +181,23 @@ class GbfsSystemSettings(_Section):
 
 class GbfsSettings(_Section):
     systems: list[GbfsSystemSettings] = Field(default_factory=list)
+    shard: str | None = Field(
+        default=None, description='"K/N": this replica polls its share of the systems'
+    )
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_form(cls, shard: str | None) -> str | None:
+        if shard is not None:
+            Shard.parse(shard)  # raises ValueError, named as this key
+        return shard
+
+    def assigned(self) -> list[GbfsSystemSettings]:
+        """The systems this replica polls: all, or its shard's (``collector.shard``)."""
+        if self.shard is None:
+            return list(self.systems)
+        shard = Shard.parse(self.shard)
+        return [system for system in self.systems if shard.owns(system.name)]
 
     @field_validator("systems")
     @classmethod

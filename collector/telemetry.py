@@ -39,7 +39,8 @@ RESULTS: frozenset[str] = frozenset(
         "empty_row",  # parse: a row with no field to write
         "spooled",  # write: kept on disk for later
         "drained",  # write: spooled lines the database finally took
-        "on_time",  # schedule: a patient's poll finished within its interval
+        "on_time",  # schedule: a patient's poll finished within its interval, a system's
+        # started within 10% of it
         "late",
         "flagged",  # anomaly: sensor readings the device flagged
         "withheld",  # archive: personal data kept out of the archive
@@ -47,6 +48,8 @@ RESULTS: frozenset[str] = frozenset(
         "removed_retention",  # archive: files removed for their age
         "removed_max_bytes",  # archive: files removed to stay under max_bytes
         "bug",  # poll: an exception no source should raise
+        "fresh",  # poll: skipped, the feed's ttl has not passed since the slot that fetched
+        "backing_off",  # poll: skipped, waiting after transient failures
     )
 )
 
@@ -119,6 +122,11 @@ class Counters:
     def feed(self, system: str, feed_time: int, stations: int) -> None:
         with self._lock:
             self._feeds[system] = (feed_time, stations)
+
+    def stations(self) -> dict[str, int]:
+        """Stations per system, as last heard (systems not heard from yet are left out)."""
+        with self._lock:
+            return {system: n for system, (_, n) in self._feeds.items() if n}
 
     def get(self, source: str, stage: Stage, result: str) -> int:
         with self._lock:

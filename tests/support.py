@@ -50,9 +50,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "c
 class InfluxD:
     """Debian's ``influxd`` (1.x) in a temp dir, on free loopback ports."""
 
-    def __init__(self, workdir: Path, *, auth_enabled: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, auth_enabled: bool = False, data_options: str = ""
+    ) -> None:
         self.workdir = workdir
         self.auth_enabled = auth_enabled  # then the first user created must be an admin
+        self.data_options = data_options  # more [data] settings, e.g. "max-values-per-tag = 0"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,6 +86,7 @@ bind-address = "127.0.0.1:{free_port()}"
   dir = "{self.workdir}/data"
   wal-dir = "{self.workdir}/wal"
   query-log-enabled = false
+  {self.data_options}
 [http]
   bind-address = "127.0.0.1:{self.port}"
   log-enabled = false

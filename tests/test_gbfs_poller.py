@@ -104,6 +104,38 @@ def test_ttl_is_honoured_up_to_max_ttl(
     assert feeds.hits("/v2.3/station_status.json") == 2
 
 
+def test_a_late_start_does_not_make_the_next_slot_fresh(feeds: FeedServer) -> None:
+    # ttl 60 polled every 60 s: the first poll of slot 0 starts 5 s late; slot 1 starts on
+    # time, 55 s after that start. Judged from the actual start it would be "fresh" and the
+    # system polled every 120 s; judged slot to slot it is due.
+    _serve_spec(feeds, status_ttl=60)
+    clock = Clock()
+    slot = clock.now
+    system = _system(feeds, clock)  # the slots are given: its own interval plays no part
+    clock.now = slot + 5
+    assert system.poll(slot).outcome == "new"
+    clock.now = slot + 60
+    assert system.poll(slot + 60).outcome != "fresh"
+    assert feeds.hits("/v2.3/station_status.json") == 2
+
+
+def test_the_ttl_is_still_honoured_slot_to_slot(feeds: FeedServer) -> None:
+    # ttl 60 polled every 15 s: the slots 15, 30 and 45 s after the one that fetched are
+    # fresh, however late that one started; the slot at 60 s fetches.
+    _serve_spec(feeds, status_ttl=60)
+    clock = Clock()
+    slot = clock.now
+    system = _system(feeds, clock)
+    clock.now = slot + 3
+    system.poll(slot)
+    for k in (1, 2, 3):
+        clock.now = slot + 15 * k
+        assert system.poll(slot + 15 * k).outcome == "fresh"
+    clock.now = slot + 60
+    system.poll(slot + 60)
+    assert feeds.hits("/v2.3/station_status.json") == 2
+
+
 def test_station_information_is_not_refetched_every_poll(feeds: FeedServer) -> None:
     _serve_spec(feeds)
     clock = Clock()

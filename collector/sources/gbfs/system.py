@@ -72,7 +72,9 @@ class GbfsSystem:
         self._catalog_at = float("-inf")
         self._ebike_types: frozenset[str] | None = None
         self._validators: dict[str, Validators] = {}
-        self._status_at = float("-inf")
+        # The slot (scheduled time) of the poll that last fetched station_status: freshness is
+        # judged slot to slot, so that a late start does not make the next slot look fresh.
+        self._status_slot = float("-inf")
         self._status_ttl_secs = 0.0
         self._last_updated: int | None = None
         self._failures = 0
@@ -85,13 +87,23 @@ class GbfsSystem:
         """Cut the fetch in flight (shutdown); from any thread."""
         self._fetcher.abort()
 
-    def poll(self) -> Poll:
-        """One poll. Raises Failure when no status could be had; the next poll retries."""
+    def release(self) -> None:
+        """Close idle connections between polls: a system polled every minute would otherwise
+        hold a socket (a file descriptor) that the server closes before the next poll anyway."""
+        self._fetcher.close()
+
+    def poll(self, slot_secs: float | None = None) -> Poll:
+        """One poll. Raises Failure when no status could be had; the next poll retries.
+
+        ``slot_secs``: when the scheduler meant this poll to start (default: now). The feed's
+        ttl is counted from the slot of the poll that fetched to this one's slot, not from that
+        poll's actual start: a poll started late would otherwise make the next slot, one
+        interval later, look younger than a ttl equal to the interval, and be skipped."""
         now = self._clock()
         if now < self._not_before:
             return Poll("backing_off")
         try:
-            poll = self._poll(now)
+            poll = self._poll(now, now if slot_secs is None else min(slot_secs, now))
         except Failure as failure:
             if failure.transient:
                 self._failures += 1
@@ -104,17 +116,17 @@ class GbfsSystem:
         self._failures = 0
         return poll
 
-    def _poll(self, now: float) -> Poll:
+    def _poll(self, now: float, slot: float) -> Poll:
         errors: list[Failure] = []
         feeds = self._discover()
         if now - self._catalog_at >= self._info_refresh_secs():
             errors.extend(self._refresh_catalog(feeds, now))
-        if now - self._status_at < self._status_ttl_secs:
+        if slot - self._status_slot < self._status_ttl_secs:
             return Poll("fresh", errors=errors)
 
         url = feeds["station_status"]
         response = self._get("station_status", url, now)
-        self._status_at = now
+        self._status_slot = slot
         if response.body is None:
             return Poll("not_modified", errors=errors)
         snapshot = parse_station_status(
