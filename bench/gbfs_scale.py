@@ -179,6 +179,11 @@ def main() -> None:
     parser.add_argument("--systems", type=int, default=100)
     parser.add_argument("--secs", type=float, default=180.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--code",
+        type=Path,
+        help="run the collector from this source tree (e.g. an older commit, `git archive`d)",
+    )
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -217,6 +222,8 @@ def main() -> None:
     try:
         time.sleep(1.0)  # the server builds its documents: ~1 s for 1,520 systems
         env = {**os.environ, "COLLECTOR_CONFIG": str(config)}
+        if args.code is not None:  # ahead of the editable install's path
+            env["PYTHONPATH"] = str(args.code.resolve())
         setup = subprocess.run(
             [str(ROOT / ".venv/bin/collector"), "setup"], env=env, capture_output=True
         )
@@ -267,7 +274,8 @@ def main() -> None:
         "rss_mb_peak": round(peak_rss / 2**20),
         "threads_peak": peak_threads,
         "fds_peak": peak_fds,
-        "pool_full_warnings": lines.count("connection pool is full"),
+        # urllib3's words: "Connection pool is full, discarding connection: ...".
+        "pool_full_warnings": lines.lower().count("connection pool is full"),
         "write_rejected": lines.count("write_rejected"),
     }
     systems_lines = [ln for ln in lines.splitlines() if "systems" in ln and "late" in ln]

@@ -322,6 +322,10 @@ class _SessionWriter(InfluxWriter):
     def __init__(self, settings: InfluxDBSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
         self._session = requests.Session()
+        # requests' default adapter keeps 10 connections per host: see WRITER_CONNECTIONS.
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=WRITER_CONNECTIONS)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._session.verify = settings.verify_tls
 
     def close(self) -> None:
