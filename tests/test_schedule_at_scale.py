@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +19,7 @@ from collector.settings import GbfsSystemSettings, Settings
 from collector.sinks.stdout import StdoutSink
 from collector.sources.gbfs import GbfsSystem
 from collector.telemetry import Counters
-from tests.support import DATA, FeedServer, Reply
+from tests.support import DATA, FeedServer, Reply, Request
 
 
 def test_first_polls_are_spread_over_the_interval() -> None:
@@ -68,3 +70,33 @@ def test_fresh_skips_are_counted_and_summarised_at_info(
     assert record.levelno == logging.INFO
     fields = ("systems", "polls", "late", "fresh", "backing_off", "failed")
     assert [getattr(record, f) for f in fields] == [1, 3, 1, 2, 0, 0]
+
+
+def test_the_writer_keeps_a_connection_for_every_concurrent_write(
+    feeds: FeedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 24 writes in flight at once (the server answers none until all 24 have arrived): with
+    # requests' default pool of 10, 14 connections would be discarded on their way back,
+    # each with urllib3's "Connection pool is full" warning, and reopened on the next write.
+    from collector.settings import InfluxDBSettings
+    from collector.sinks.influxdb import WRITER_CONNECTIONS, make_writer
+
+    writes = 24
+    assert writes < WRITER_CONNECTIONS
+    barrier = threading.Barrier(writes, timeout=10)
+
+    def answer(_request: Request) -> Reply:
+        barrier.wait()  # all writes hold their connection at the same time
+        return Reply(204)
+
+    feeds.routes["/write"] = answer
+    writer = make_writer(InfluxDBSettings(url=feeds.url, api="v1", max_retries=0))
+    try:
+        with caplog.at_level(logging.WARNING), ThreadPoolExecutor(writes) as pool:
+            reports = list(
+                pool.map(lambda i: writer.write("bikes", [f"m f={i}i"], "s"), range(writes))
+            )
+    finally:
+        writer.close()
+    assert [r.written for r in reports] == [1] * writes
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage().lower()]
