@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
+import certifi
 import urllib3
-from requests.adapters import HTTPAdapter
+from urllib3 import PoolManager, ProxyManager, Retry, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -106,28 +108,35 @@ def _registering(base: type[_Conn], registry: _Connections) -> type[_Conn]:
     return Registered
 
 
-class _AbortableAdapter(HTTPAdapter):
-    """requests' adapter with connections that register their sockets in ``connections``."""
+def _pool_manager(registry: _Connections, proxy: str | None, **kwargs: Any) -> PoolManager:
+    """A pool manager (or, for ``proxy``, a proxy manager) whose connections register their
+    sockets in ``registry``."""
 
-    def __init__(self, connections: _Connections) -> None:
-        self._connections = connections
-        super().__init__()
+    class HttpPool(HTTPConnectionPool):
+        ConnectionCls = _registering(HTTPConnection, registry)
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        registry = self._connections
+    class HttpsPool(HTTPSConnectionPool):
+        ConnectionCls = _registering(HTTPSConnection, registry)
 
-        class HttpPool(HTTPConnectionPool):
-            ConnectionCls = _registering(HTTPConnection, registry)
+    manager = PoolManager(**kwargs) if proxy is None else ProxyManager(proxy, **kwargs)
+    manager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
+    return manager
 
-        class HttpsPool(HTTPSConnectionPool):
-            ConnectionCls = _registering(HTTPSConnection, registry)
 
-        self.poolmanager.pool_classes_by_scheme = {"http": HttpPool, "https": HttpsPool}
+# Redirects followed as requests did (30 at most); nothing else retried here: retry.py decides.
+_RETRIES = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=30)
 
 
 class Fetcher:
-    """One keep-alive session for one source. Not shared between threads, except ``abort``."""
+    """One keep-alive connection pool for one source. Not shared between threads, except
+    ``abort``.
+
+    urllib3 directly rather than requests: measured at 0.39 ms of CPU per GET against 1.2 ms
+    (issue #13), because requests looks up proxies, .netrc and the CA bundle in the
+    environment on every request. The environment is read once here instead: ``HTTP(S)_PROXY``
+    / ``NO_PROXY``, and ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` else certifi's bundle, as
+    requests would have used them.
+    """
 
     def __init__(
         self,
@@ -137,20 +146,48 @@ class Fetcher:
         max_body_bytes: int = 32 * 1024 * 1024,
         verify_tls: bool = True,
     ) -> None:
-        self._session = requests.Session()
         self._connections = _Connections()
-        adapter = _AbortableAdapter(self._connections)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers["User-Agent"] = USER_AGENT
-        self._session.headers["Accept"] = "application/json"
-        self._session.headers.update(headers or {})
-        self._session.verify = verify_tls
+        self._headers = {
+            "User-Agent": USER_AGENT,
+            "Accept-Encoding": "gzip, deflate",
+            "Accept": "application/json",
+            "Connection": "keep-alive",
+            **(headers or {}),
+        }
         self._timeout_secs = timeout_secs
+        self._timeout = Timeout(connect=timeout_secs, read=timeout_secs)
         self._max_body_bytes = max_body_bytes
+        if verify_tls:
+            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            self._tls: dict[str, Any] = {
+                "cert_reqs": "CERT_REQUIRED",
+                "ca_certs": bundle or certifi.where(),
+            }
+        else:
+            self._tls = {"cert_reqs": "CERT_NONE"}
+        self._proxies = urllib.request.getproxies()
+        self._managers: dict[str | None, PoolManager] = {}
+        self._route: dict[tuple[str, str], str | None] = {}  # (scheme, host) -> proxy or None
+
+    def _manager(self, url: str) -> PoolManager:
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname or "")
+        if key not in self._route:
+            proxy = self._proxies.get(parts.scheme)
+            # NO_PROXY, looked up once per host (requests did it on every request).
+            if proxy and urllib.request.proxy_bypass(key[1]):
+                proxy = None
+            self._route[key] = proxy
+        proxy = self._route[key]
+        if proxy not in self._managers:
+            self._managers[proxy] = _pool_manager(
+                self._connections, proxy, num_pools=10, **self._tls
+            )
+        return self._managers[proxy]
 
     def close(self) -> None:
-        self._session.close()
+        for manager in self._managers.values():
+            manager.clear()
 
     def abort(self) -> None:
         """Cut the fetch in flight, if any, and refuse new ones: for shutdown, from any thread."""
@@ -158,12 +195,13 @@ class Fetcher:
 
     def get(self, url: str, validators: Validators | None = None) -> Response:
         """GET ``url``; raises Failure for anything but 200 or 304."""
-        conditional = {}
-        if validators is not None:
+        headers = self._headers
+        if validators is not None and (validators.etag or validators.last_modified):
+            headers = dict(headers)
             if validators.etag:
-                conditional["If-None-Match"] = validators.etag
+                headers["If-None-Match"] = validators.etag
             if validators.last_modified:
-                conditional["If-Modified-Since"] = validators.last_modified
+                headers["If-Modified-Since"] = validators.last_modified
         where = redact_url(url)
         if self._connections.aborted:
             raise Failure("cancelled", f"{where}: not fetched, the collector is stopping")
@@ -171,47 +209,66 @@ class Fetcher:
         # poll forever; the deadline bounds the whole response.
         deadline = time.monotonic() + self._timeout_secs
         try:
-            with self._session.get(
-                url, headers=conditional, timeout=self._timeout_secs, stream=True
-            ) as resp:
-                if resp.status_code == 304:
-                    return Response(None, validators or Validators())
-                if resp.status_code != 200:
-                    snippet = resp.raw.read(2000, decode_content=True) or b""
-                    raise Failure(
-                        kind_of_status(resp.status_code),
-                        f"HTTP {resp.status_code} from {where}: {describe_body(snippet)}",
-                        status=resp.status_code,
-                        retry_after_secs=parse_retry_after(
-                            resp.headers.get("Retry-After"), time.time()
-                        ),
-                    )
-                declared = resp.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self._max_body_bytes:
-                    raise Failure(
-                        "too_large",
-                        f"{where} declares {declared} bytes, over max_body_bytes "
-                        f"{self._max_body_bytes}",
-                    )
-                body = bytearray()
-                for chunk in resp.iter_content(_CHUNK):
-                    body += chunk
-                    if len(body) > self._max_body_bytes:
-                        raise Failure(
-                            "too_large", f"{where} sent over max_body_bytes {self._max_body_bytes}"
-                        )
-                    if time.monotonic() > deadline:
-                        raise Failure(
-                            "timeout", f"{where} took over {self._timeout_secs:g}s to send its body"
-                        )
-                return Response(
-                    bytes(body),
-                    Validators(resp.headers.get("ETag"), resp.headers.get("Last-Modified")),
-                )
-        except requests.RequestException as exc:
+            resp = self._manager(url).urlopen(
+                "GET",
+                url,
+                headers=headers,
+                timeout=self._timeout,
+                retries=_RETRIES,
+                preload_content=False,
+                decode_content=True,
+            )
+        except urllib3.exceptions.HTTPError as exc:
             if self._connections.aborted:
                 raise Failure("cancelled", f"{where}: cut, the collector is stopping") from exc
             raise _classified(exc, where, self._timeout_secs) from exc
+        complete = False
+        try:
+            if resp.status == 304:
+                complete = True
+                return Response(None, validators or Validators())
+            if resp.status != 200:
+                snippet = resp.read(2000, decode_content=True) or b""
+                raise Failure(
+                    kind_of_status(resp.status),
+                    f"HTTP {resp.status} from {where}: {describe_body(snippet)}",
+                    status=resp.status,
+                    retry_after_secs=parse_retry_after(
+                        resp.headers.get("Retry-After"), time.time()
+                    ),
+                )
+            declared = resp.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self._max_body_bytes:
+                raise Failure(
+                    "too_large",
+                    f"{where} declares {declared} bytes, over max_body_bytes "
+                    f"{self._max_body_bytes}",
+                )
+            body = bytearray()
+            for chunk in resp.stream(_CHUNK, decode_content=True):
+                body += chunk
+                if len(body) > self._max_body_bytes:
+                    raise Failure(
+                        "too_large", f"{where} sent over max_body_bytes {self._max_body_bytes}"
+                    )
+                if time.monotonic() > deadline:
+                    raise Failure(
+                        "timeout", f"{where} took over {self._timeout_secs:g}s to send its body"
+                    )
+            complete = True
+            return Response(
+                bytes(body),
+                Validators(resp.headers.get("ETag"), resp.headers.get("Last-Modified")),
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if self._connections.aborted:
+                raise Failure("cancelled", f"{where}: cut, the collector is stopping") from exc
+            raise _classified(exc, where, self._timeout_secs) from exc
+        finally:
+            if not complete:
+                # Unread bytes would be taken for the next response: the connection goes.
+                resp.close()
+            resp.release_conn()
 
 
 def describe_body(body: bytes) -> str:
@@ -231,12 +288,18 @@ def describe_body(body: bytes) -> str:
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", re.IGNORECASE | re.DOTALL)
 
 
-def _classified(exc: requests.RequestException, where: str, timeout_secs: float) -> Failure:
-    if isinstance(exc, requests.ConnectTimeout):
+def _classified(exc: BaseException, where: str, timeout_secs: float) -> Failure:
+    cause = exc
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        cause = exc.reason
+    # NewConnectionError first: urllib3 makes it a subclass of ConnectTimeoutError.
+    if isinstance(cause, urllib3.exceptions.NewConnectionError):
+        return Failure("connection", f"{where}: {reason_of(exc)}")
+    if isinstance(cause, urllib3.exceptions.ConnectTimeoutError):
         return Failure("timeout", f"{where}: no connection within {timeout_secs:g}s")
-    if isinstance(exc, requests.Timeout):
+    if isinstance(cause, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
         return Failure("timeout", f"{where} timed out after {timeout_secs:g}s")
-    if isinstance(exc, requests.ConnectionError):
+    if isinstance(cause, (urllib3.exceptions.HTTPError, OSError)):
         return Failure("connection", f"{where}: {reason_of(exc)}")
     return Failure("connection", f"{where}: {type(exc).__name__}")
 
