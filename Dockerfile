@@ -1,8 +1,11 @@
 # The collector image: collector run | setup | check | simulate.
 FROM python:3.11.14-slim-bookworm
 
+# MALLOC_ARENA_MAX: glibc keeps up to 8 malloc arenas a core for the pool's worker threads;
+# two hold the world catalogue in 271 MB instead of 305 (BENCHMARKS.md, "GBFS at world scale").
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
