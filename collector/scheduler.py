@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # Docker sends SIGKILL 10 s after SIGTERM. Polls in flight get this long to finish their
 # writes; then everything goes to the spool, and a write still in flight ends at its timeout.
 SHUTDOWN_GRACE_SECS = 4.0
+# A healthy fetch takes milliseconds: cutting it at once would lose a reading the server has
+# already sent. One that is still running after this is hanging, and is cut.
+FETCH_GRACE_SECS = 1.0
 # Jobs polled at least this far apart share the pool's workers.
 SHARED_ABOVE_SECS = 5.0
 # Workers shared by them: the world catalogue at 60 s is ~25 polls a second of 10-200 ms each,
@@ -152,13 +155,16 @@ class Scheduler:
             )
 
     def _shutdown(self, scheduler: BackgroundScheduler) -> None:
-        """Stop within Docker's grace whatever the sources do: fetches in flight are cut (they
-        have collected nothing yet), writes in flight get ``SHUTDOWN_GRACE_SECS``, then go to
-        the spool; what the jobs queued and the last counts are written last."""
+        """Stop within Docker's grace whatever the sources do: runs in flight get
+        ``FETCH_GRACE_SECS`` to finish (a reading being received is kept), then fetches still
+        in flight are cut (they have collected nothing yet); writes in flight get
+        ``SHUTDOWN_GRACE_SECS``, then go to the spool; what the jobs queued and the last counts
+        are written last."""
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
         scheduler.shutdown(wait=False)  # no new runs
-        for job in self.jobs:
-            job.abort()
+        if not self._wait_for_jobs(time.monotonic() + FETCH_GRACE_SECS):
+            for job in self.jobs:
+                job.abort()
         if not self._wait_for_jobs(deadline):
             self._sink.stop_retrying()  # writes in flight spool what they hold and return
             self._wait_for_jobs(deadline + SHUTDOWN_GRACE_SECS / 2)
