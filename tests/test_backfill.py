@@ -109,7 +109,10 @@ def test_v1_retention_is_read_from_the_retention_policy(influxd: InfluxD) -> Non
     assert replay.read_retention(default, "rp_probe").secs == 48 * 3600
     chosen = InfluxDBSettings(url=influxd.url, api="v1", retention_policy="week")
     assert replay.read_retention(chosen, "rp_probe").secs == 168 * 3600
-    with pytest.raises(replay.PreflightError, match="database 'nowhere' not found at .*, or these credentials may not read it"):
+    with pytest.raises(
+        replay.PreflightError,
+        match=r"database 'nowhere' not found at .*, or these credentials may not read it",
+    ):
         replay.read_retention(default, "nowhere")
     influxd.drop("rp_probe")
 
