@@ -282,6 +282,7 @@ class SpoolingSink:
         self._fatal = fatal
         self._counters = counters
         self._outage = threading.Event()
+        self._outage_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self.waits: list[float] = []  # backoff waits taken, for telemetry and tests
@@ -310,10 +311,13 @@ class SpoolingSink:
                     detail=str(failure) if failure else None,
                     note="writes wait on disk until the database takes them",
                 )
-            self._outage.set()
             unsent = report.unsent
             report.unsent, report.failed = [], 0
-            report = self._to_spool(bucket, precision, unsent, report)
+            # Spooled and marked as one step: the drainer must not find the spool empty and
+            # end the outage between the two, or the next write would try the server again.
+            with self._outage_lock:
+                report = self._to_spool(bucket, precision, unsent, report)
+                self._outage.set()
         return report
 
     def stop_retrying(self) -> None:
@@ -350,7 +354,10 @@ class SpoolingSink:
         failures = 0
         drained_lines = drained_batches = 0
         while not self._stopping.is_set():
-            batch = self.spool.oldest()
+            with self._outage_lock:
+                batch = self.spool.oldest()
+                if batch is None:
+                    self._outage.clear()
             if batch is None:
                 if drained_batches:
                     event(
@@ -361,7 +368,6 @@ class SpoolingSink:
                         lines=drained_lines,
                     )
                     drained_lines = drained_batches = 0
-                self._outage.clear()
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
