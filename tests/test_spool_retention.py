@@ -97,3 +97,32 @@ def test_run_warns_at_start_about_spooled_batches_beyond_retention(
     assert len(warnings) == 1, result.stderr
     assert "bucket=bikes " in warnings[0] and "retention=720h" in warnings[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_spool_from_before_the_oldest_point_column_still_answers(tmp_path: Path) -> None:
+    # The schema as the previous release made it: no oldest_point column.
+    import sqlite3
+    import zlib
+
+    import orjson
+
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    with sqlite3.connect(folder / "spool.sqlite") as db:
+        db.execute(
+            "CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, bucket TEXT NOT NULL, "
+            "precision TEXT NOT NULL, lines INTEGER NOT NULL, size INTEGER NOT NULL, "
+            "created REAL NOT NULL, payload BLOB NOT NULL)"
+        )
+        payload = zlib.compress(orjson.dumps(["m f=1i 1000", "m f=2i 500"]))
+        db.execute(
+            "INSERT INTO batches (bucket, precision, lines, size, created, payload) "
+            "VALUES ('bikes', 's', 2, ?, ?, ?)",
+            (len(payload), time.time(), payload),
+        )
+    spool = Spool(folder, 10**7)
+    try:
+        spool.put("pressure", "ms", [["p v=1i 7000", "p v=2i 9000"]])
+        assert spool.oldest_by_bucket() == {"bikes": 500.0, "pressure": 7.0}
+    finally:
+        spool.close()

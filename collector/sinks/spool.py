@@ -106,8 +106,14 @@ class Spool:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY AUTOINCREMENT, "
             "bucket TEXT NOT NULL, precision TEXT NOT NULL, lines INTEGER NOT NULL, "
-            "size INTEGER NOT NULL, created REAL NOT NULL, payload BLOB NOT NULL)"
+            "size INTEGER NOT NULL, created REAL NOT NULL, payload BLOB NOT NULL, "
+            "oldest_point REAL)"
         )
+        # A spool left by a version without the column keeps working: its rows read NULL,
+        # and oldest_by_bucket() reads their lines instead.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
+        if "oldest_point" not in columns:
+            self._db.execute("ALTER TABLE batches ADD COLUMN oldest_point REAL")
         self.dropped_lines = 0
 
     @property
@@ -124,21 +130,35 @@ class Spool:
         # A JSON list, not newline-joined: string fields may hold newlines.
         return zlib.compress(orjson.dumps(list(lines)), 1)
 
+    def _insert(self, bucket: str, precision: str, lines: Sequence[str], created: float) -> None:
+        # The oldest point is read once here, while the lines are at hand, so that start-up
+        # can ask the retention question with one query instead of unpacking the spool.
+        payload = self._pack(lines)
+        self._db.execute(
+            "INSERT INTO batches (bucket, precision, lines, size, created, payload, "
+            "oldest_point) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                bucket,
+                precision,
+                len(lines),
+                len(payload),
+                created,
+                payload,
+                _oldest_point(lines, precision, created),
+            ),
+        )
+
     def put(self, bucket: str, precision: Precision, batches: Sequence[Sequence[str]]) -> int:
         """Queue ``batches``; returns the number of lines evicted (oldest first) to make room."""
-        rows = [(bucket, precision, len(b), self._pack(b)) for b in batches if b]
-        if not rows:
+        batches = [b for b in batches if b]
+        if not batches:
             return 0
         evicted = 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for bucket_, precision_, count, payload in rows:
-                    self._db.execute(
-                        "INSERT INTO batches (bucket, precision, lines, size, created, payload) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (bucket_, precision_, count, len(payload), self._clock(), payload),
-                    )
+                for lines in batches:
+                    self._insert(bucket, precision, lines, self._clock())
                 (total,) = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()
                 while total > self._max_bytes:
                     oldest = self._db.execute(
@@ -187,12 +207,7 @@ class Spool:
                 self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
                 if row is not None:
                     for lines in remaining:
-                        payload = self._pack(lines)
-                        self._db.execute(
-                            "INSERT INTO batches (bucket, precision, lines, size, created, "
-                            "payload) VALUES (?, ?, ?, ?, ?, ?)",
-                            (row[0], row[1], len(lines), len(payload), row[2], payload),
-                        )
+                        self._insert(row[0], row[1], lines, row[2])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -202,12 +217,19 @@ class Spool:
         """The oldest point of each bucket (epoch seconds), read from the lines' timestamps.
 
         Not when a batch was spooled: a feed whose data is weeks old is spooled today with
-        points the server will drop as beyond retention. Read once at start-up, before the
-        drainer runs; a line without a timestamp counts as spooled-time."""
-        oldest: dict[str, float] = {}
+        points the server will drop as beyond retention. Kept per batch when it is spooled;
+        a line without a timestamp counts as spooled-time."""
         with self._lock:
-            rows = self._db.execute("SELECT bucket, precision, created, payload FROM batches")
-            for bucket, precision, created, payload in rows:
+            oldest: dict[str, float] = dict(
+                self._db.execute(
+                    "SELECT bucket, MIN(oldest_point) FROM batches "
+                    "WHERE oldest_point IS NOT NULL GROUP BY bucket"
+                ).fetchall()
+            )
+            legacy = self._db.execute(
+                "SELECT bucket, precision, created, payload FROM batches WHERE oldest_point IS NULL"
+            )
+            for bucket, precision, created, payload in legacy:
                 first = _oldest_point(orjson.loads(zlib.decompress(payload)), precision, created)
                 oldest[bucket] = min(first, oldest.get(bucket, first))
         return oldest
