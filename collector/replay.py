@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import TextIO
 
 from collector.contract import STATION_FLOW, TRIPS_BUCKET, Precision
 from collector.http import redact_url
-from collector.lineprotocol import Encoder, Row
+from collector.lineprotocol import Encoder
 from collector.logs import event
 from collector.provision.influxdb import duration_secs, v3_retention_secs
 from collector.retry import Failure
@@ -376,17 +376,6 @@ def station_matcher(config: Settings, system: str) -> Callable[[str], str]:
     return lambda station_id: mapping.get(station_id, station_id)
 
 
-def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    chunk: list[Row] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def backfill(
     flows: Flows,
     sink: Sink,
@@ -402,22 +391,19 @@ def backfill(
     its retries, so the batch in flight ends at once)."""
     encoder = Encoder(STATION_FLOW)
     outcome = TripReplayResult(trips=flows.trips)
-    total = flows.size()
-    rows = (
-        (tags, values, stamp + shift_secs)
-        for _m, (tags, values, stamp) in flows.rows(system, rename=rename)
-    )
+    total, counted = flows.events, 0  # the rows are not known before the merge: events are
     if bar is not None:
         bar.update("writing", 0)
-    for chunk in _chunks(rows, CHUNK):
+    for rows, events in flows.batches(system, CHUNK, shift_secs=shift_secs, rename=rename):
         if stop():
             outcome.stopped = True
             break
-        lines, _empty = encoder.lines(chunk)
+        lines, _empty = encoder.lines(rows)
         _count(outcome, sink.write(STATION_FLOW.bucket, lines, STATION_FLOW.precision))
+        counted += events
         if bar is not None:
             done = outcome.rows_written + outcome.rows_failed
-            bar.update("writing", done, fraction=done / total if total else None)
+            bar.update("writing", done, fraction=counted / total if total else None)
     if bar is not None:
         bar.update("writing", outcome.rows_written + outcome.rows_failed, final=True)
     return outcome
@@ -451,9 +437,7 @@ def live(
     started = clock()
     first: int | None = None
     last_ms = 0
-    for minute, group in groupby(
-        flows.rows(system, by_minute=True, rename=rename), key=lambda mr: mr[0]
-    ):
+    for minute, group in groupby(flows.rows(system, rename=rename), key=lambda mr: mr[0]):
         if first is None:
             first = minute
         due = started + (minute - first) * 60 / speed

@@ -6,18 +6,21 @@ import csv
 import gzip
 import zipfile
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from collector import replay
 from collector.contract import STATION_FLOW
 from collector.lineprotocol import Encoder
-from collector.sources import gbfs
+from collector.sources import gbfs, trips
 from collector.sources.trips import Flows, Progress, TripFileError
 from tests.support import DATA
 
 TRIPS = DATA / "trips"
+NEW_YORK = ZoneInfo("America/New_York")
 
 
 def _flows(*paths: Path, **options: object) -> Flows:
@@ -95,6 +98,19 @@ def test_unknown_header_is_a_clear_error(tmp_path: Path) -> None:
         _flows(path)
 
 
+# The real files in ../shared/fixtures/trips and their time and station columns.
+REAL_FILES = [
+    (
+        "JC-201801-citibike-tripdata.csv",
+        ("starttime", "stoptime", "start station id", "end station id"),
+    ),
+    (
+        "JC-202102-citibike-tripdata.csv",
+        ("started_at", "ended_at", "start_station_id", "end_station_id"),
+    ),
+]
+
+
 def _independent_totals(
     path: Path, start: str, end: str, start_id: str, end_id: str
 ) -> tuple[Counter, Counter, int, int]:
@@ -114,27 +130,15 @@ def _independent_totals(
     return undocks, docks, no_end, negative
 
 
-@pytest.mark.parametrize(
-    ("name", "columns"),
-    [
-        (
-            "JC-201801-citibike-tripdata.csv",
-            ("starttime", "stoptime", "start station id", "end station id"),
-        ),
-        (
-            "JC-202102-citibike-tripdata.csv",
-            ("started_at", "ended_at", "start_station_id", "end_station_id"),
-        ),
-    ],
-)
-@pytest.mark.parametrize("max_keys", [300_000, 500])  # in memory, and spilled to disk
+@pytest.mark.parametrize(("name", "columns"), REAL_FILES)
+@pytest.mark.parametrize("max_events", [1_000_000, 500])  # in memory, and spilled to disk
 def test_real_files_exact_per_station_totals(
-    shared_fixtures: Path, name: str, columns: tuple[str, ...], max_keys: int
+    shared_fixtures: Path, name: str, columns: tuple[str, ...], max_events: int
 ) -> None:
     path = shared_fixtures / "trips" / name
     undocks, docks, no_end, negative = _independent_totals(path, *columns)
-    flows = _flows(path, max_keys_in_memory=max_keys)
-    assert flows.spilled == (max_keys == 500)
+    flows = _flows(path, max_events_in_memory=max_events)
+    assert flows.spilled == (max_events == 500)
     got_undocks: Counter[str] = Counter()
     got_docks: Counter[str] = Counter()
     for _minute, (tags, values, _t) in flows.rows("citibike"):
@@ -218,10 +222,51 @@ def test_trip_ids_are_matched_to_gbfs_station_ids() -> None:
 
 def test_span_is_the_same_in_memory_and_spilled(shared_fixtures: Path) -> None:
     path = shared_fixtures / "trips" / "JC-201801-citibike-tripdata.csv"
-    in_memory, spilled = _flows(path), _flows(path, max_keys_in_memory=500)
+    in_memory, spilled = _flows(path), _flows(path, max_events_in_memory=500)
     assert spilled.spilled and not in_memory.spilled
     minutes = [minute for minute, _row in in_memory.rows("x")]
     assert in_memory.span() == spilled.span() == (min(minutes), max(minutes))
-    assert in_memory.size() == spilled.size() == len(minutes)
+    assert in_memory.events == spilled.events == 2 * in_memory.trips
     in_memory.close()
     spilled.close()
+
+
+def _independent_flows(path: Path, *columns: str) -> dict[tuple[str, int], tuple[int, int]]:
+    """(station, epoch minute) -> (docks, undocks), read straight from the CSV."""
+    start, end, start_id, end_id = columns
+    counts: dict[tuple[str, int], list[int]] = {}
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        for row in csv.DictReader(f):
+            if not row[end_id] or not row[start_id] or row[end] < row[start]:
+                continue
+            for station, time, dock in ((row[start_id], row[start], 0), (row[end_id], row[end], 1)):
+                moment = datetime.fromisoformat(time[:16]).replace(tzinfo=NEW_YORK)
+                counts.setdefault((station, int(moment.timestamp())), [0, 0])[dock] += 1
+    return {key: (docks, undocks) for key, (undocks, docks) in counts.items()}
+
+
+@pytest.mark.parametrize(("name", "columns"), REAL_FILES)
+def test_spilled_runs_give_the_same_lines_as_one_run_in_memory(
+    shared_fixtures: Path, monkeypatch: pytest.MonkeyPatch, name: str, columns: tuple[str, ...]
+) -> None:
+    path = shared_fixtures / "trips" / name
+    in_memory = _flows(path)
+    encoder = Encoder(STATION_FLOW)
+    expected = encoder.lines([row for _m, row in in_memory.rows("citibike")])[0]
+    in_memory.close()
+    # Runs of 100 events (hundreds of them), read 7 events at a time, merged 5 at once: every
+    # path of the merge, including runs merged into longer ones first.
+    monkeypatch.setattr(trips, "BLOCK_EVENTS", 7)
+    monkeypatch.setattr(trips, "MAX_MERGE_RUNS", 5)
+    spilled = _flows(path, max_events_in_memory=100)
+    assert spilled.spilled
+    rows = [row for _m, row in spilled.rows("citibike")]
+    spilled.close()
+    assert encoder.lines(rows)[0] == expected  # the same lines in the same order
+    stamps = [stamp for _tags, _values, stamp in rows]
+    assert stamps == sorted(stamps)  # time order, as a live replay needs
+    counted = {}
+    for tags, values, stamp in rows:
+        fields = dict(zip(STATION_FLOW.field_names, values, strict=True))
+        counted[(dict(tags)["station_id"], stamp)] = (fields["docks"], fields["undocks"])
+    assert counted == _independent_flows(path, *columns)

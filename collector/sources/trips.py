@@ -6,25 +6,30 @@ Each trip is an undock at its start station and minute and a dock at its end sta
 minute. Rows with no end station, an end before the start, or a time that does not parse are
 skipped and counted (``BAD_ROW_KINDS``).
 
-Files are not sorted by time (a 2021 file is half out of order), so counts are kept per
-(station, minute) until the end. A month of New York has millions of such pairs, so the counts
-live in a dict of packed integers up to ``max_keys_in_memory`` and are merged into a SQLite
-file beyond that: memory stays bounded whatever the file size.
+Files are not sorted by time (a 2021 file is half out of order), so nothing is counted until
+every file is read: each dock and undock is appended to an array as one packed int64, sorted in
+runs of ``max_events_in_memory`` (past the first, in a scratch file), and the runs are merged at
+the end, where the events of one (station, minute) come together and are counted. Memory stays
+bounded whatever the file size; appending is cheaper than counting in a dict per event, and a
+sort of int64s and a merge of sorted runs cost less than any keyed store on disk.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import heapq
 import io
-import sqlite3
+import operator
 import tempfile
 import zipfile
 import zlib
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeAlias
 from zoneinfo import ZoneInfo
@@ -38,7 +43,6 @@ if TYPE_CHECKING:  # typeshed's name for what readinto may fill
     from _typeshed import WriteableBuffer
 
 BAD_ROW_KINDS = ("no_end_station", "no_start_station", "negative_duration", "bad_time", "short_row")
-_DOCK = 1 << 32  # a count's value packs docks in the high half, undocks in the low half
 TICK_ROWS = 4096  # progress is offered this often while reading
 # A station_flow row: unlike a general Row, its time is always there (the minute).
 FlowRow: TypeAlias = tuple[Tags, tuple[FieldValue | None, ...], int]
@@ -219,38 +223,169 @@ def _starts_like_zip(path: Path) -> bool:
         return False
 
 
+# An event (an undock or a dock) is one int64: minute << 30 | station << 1 | dock. Sorted, the
+# events of one (station, minute) are neighbours, and minutes come in time order, so one merge of
+# sorted runs gives both the backfill's rows and the live replay's minutes. 30 bits below the
+# minute leave room for 2**29 stations; any minute of years 1-9999 fits the 34 bits above.
+_MINUTE_SHIFT = 30
+_STATION_BITS = _MINUTE_SHIFT - 1  # after the dock bit is shifted out
+_STATION_MASK = (1 << _STATION_BITS) - 1
+MAX_STATIONS = 1 << _STATION_BITS
+# Cached minute texts ("YYYY-MM-DD HH:MM"): a month has 44,640; emptied past this so that a
+# file of many years cannot grow the cache without bound.
+MAX_CACHED_MINUTES = 200_000
+BLOCK_EVENTS = 65_536  # read from a spilled run at a time: 512 KiB
+MAX_MERGE_RUNS = 64  # runs merged at once: past this, runs are first merged into longer ones
+
+
+class _SortedEvents:
+    """Events appended to ``pending``, sorted in runs of at most ``max_events``; full runs go to
+    one scratch file, and ``merged`` yields every event in order.
+
+    Memory is the pending array (8 bytes an event), the sort of one run (~48 bytes an event
+    while it lasts: a list of Python ints) and, when merging, one block per run with at most
+    MAX_MERGE_RUNS runs merged at once: bounded whatever the number of events.
+    """
+
+    def __init__(self, max_events: int) -> None:
+        self.pending = array("q")
+        self.max_events = max_events
+        self.count = 0
+        self._memory: array[int] | None = None  # the only run, when nothing was spilled
+        self._runs: list[tuple[int, int]] = []  # (first event, events) in the scratch file
+        self._file: IO[bytes] | None = None
+        self._end = 0  # events in the scratch file
+        self._first: int | None = None  # the smallest and largest event sorted so far
+        self._last: int | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return bool(self._runs)
+
+    def _sort_pending(self) -> array[int] | None:
+        if not self.pending:
+            return None
+        run = array("q", sorted(self.pending))
+        del self.pending[:]  # in place: add_file holds its append method
+        self.count += len(run)
+        self._first = run[0] if self._first is None else min(self._first, run[0])
+        self._last = run[-1] if self._last is None else max(self._last, run[-1])
+        return run
+
+    def spill(self) -> None:
+        """Sort the pending events into a run in the scratch file."""
+        run = self._sort_pending()
+        if run is not None:
+            if self._memory is not None:  # events added after a merge: both runs go to disk
+                self._write(self._memory)
+                self._memory = None
+            self._write(run)
+
+    def seal(self) -> None:
+        """Sort what is pending: on disk when other runs are, else kept in memory."""
+        if self._runs or self._memory is not None:
+            self.spill()
+        else:
+            self._memory = self._sort_pending()
+
+    def bounds(self) -> tuple[int, int] | None:
+        """(smallest, largest) event; None when there is none."""
+        self.seal()
+        if self._first is None or self._last is None:
+            return None
+        return self._first, self._last
+
+    def merged(self) -> Iterator[int]:
+        self.seal()
+        if self._memory is not None:
+            return iter(self._memory)
+        while len(self._runs) > MAX_MERGE_RUNS:
+            # Merged into one longer run first, so that the final merge reads one block per
+            # run from at most MAX_MERGE_RUNS runs.
+            first, self._runs = self._runs[:MAX_MERGE_RUNS], self._runs[MAX_MERGE_RUNS:]
+            start = self._end
+            merging = heapq.merge(*(self._read(run) for run in first))
+            while block := array("q", islice(merging, BLOCK_EVENTS)):
+                self._append(block)
+            self._runs.append((start, self._end - start))
+        return heapq.merge(*(self._read(run) for run in self._runs))
+
+    def _write(self, run: array[int]) -> None:
+        start = self._end
+        self._append(run)
+        self._runs.append((start, len(run)))
+
+    def _append(self, events: array[int]) -> None:
+        if self._file is None:
+            # Closed by close(), which the CLI calls in a finally.
+            self._file = tempfile.TemporaryFile(prefix="livestack-trips-")  # noqa: SIM115
+        self._file.seek(self._end * 8)
+        events.tofile(self._file)
+        self._end += len(events)
+
+    def _read(self, run: tuple[int, int]) -> Iterator[int]:
+        return chain.from_iterable(self._blocks(*run))
+
+    def _blocks(self, start: int, count: int) -> Iterator[array[int]]:
+        file = self._file
+        assert file is not None
+        while count:
+            n = min(count, BLOCK_EVENTS)
+            block = array("q")
+            file.seek(start * 8)  # the runs are read in turns from one file
+            block.fromfile(file, n)
+            yield block
+            start, count = start + n, count - n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 @dataclass
 class Flows:
-    """Counts per (station, minute), and each station's name and position."""
+    """Docks and undocks per (station, minute), and each station's name and position.
+
+    Every dock and undock is kept as an event until the end (files are not in time order);
+    past ``max_events_in_memory`` pending events, they are sorted and spilled to a scratch file,
+    so memory stays bounded whatever the file size (see _SortedEvents).
+    """
 
     timezone: str = "America/New_York"
-    max_keys_in_memory: int = 300_000
+    max_events_in_memory: int = 1_000_000  # ~56 MB while a run is being sorted
     bad: Counter[str] = field(default_factory=Counter)
     trips: int = 0
 
     def __post_init__(self) -> None:
         self._zone = ZoneInfo(self.timezone)
-        self._minutes: dict[str, int] = {}  # "YYYY-MM-DD HH:MM" -> epoch minute
-        self._index: dict[str, int] = {}  # station id -> small int
+        self._minutes: dict[str, int] = {}  # "YYYY-MM-DD HH:MM" -> epoch minute << 30
+        self._index: dict[str, int] = {}  # station id -> its number << 1
         self.stations: list[tuple[str, str | None, float | None, float | None]] = []
-        self._counts: dict[int, int] = {}
-        self._spill: sqlite3.Connection | None = None
-        self._spill_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._events = _SortedEvents(self.max_events_in_memory)
 
     # -- input
     def _minute(self, text: str) -> int:
+        """The minute of a time as the high bits of an event; ValueError when it does not
+        parse (or is out of range)."""
         key = text[:16]
         minute = self._minutes.get(key)
         if minute is None:
-            moment = datetime.fromisoformat(key).replace(tzinfo=self._zone)
-            minute = self._minutes[key] = int(moment.timestamp()) // 60
+            try:
+                moment = datetime.fromisoformat(key).replace(tzinfo=self._zone)
+                epoch_minute = int(moment.timestamp()) // 60
+            except OverflowError as exc:
+                raise ValueError(str(exc)) from None
+            if len(self._minutes) >= MAX_CACHED_MINUTES:
+                self._minutes.clear()
+            minute = self._minutes[key] = epoch_minute << _MINUTE_SHIFT
         return minute
 
     def _station(self, station_id: str, name: str, lat: str, lon: str) -> int:
-        index = self._index.get(station_id)
-        if index is None:
-            index = self._index[station_id] = len(self.stations)
-            self.stations.append((station_id, name or None, _float(lat), _float(lon)))
+        if len(self.stations) >= MAX_STATIONS:
+            raise TripFileError(f"more than {MAX_STATIONS:,} stations")
+        index = self._index[station_id] = len(self.stations) << 1
+        self.stations.append((station_id, name or None, _float(lat), _float(lon)))
         return index
 
     def _negative(self, started: str, ended: str) -> bool:
@@ -266,127 +401,147 @@ class Flows:
     def add_file(
         self, text: IO[str], progress: Progress, tick: Callable[[], None] | None = None
     ) -> None:
-        """Count the trips of one CSV text; ``tick`` is called every few thousand rows."""
+        """Count the trips of one CSV text; ``tick`` is called every few thousand rows.
+
+        The loop runs once per trip, so it is written for speed: caches read inline, the rare
+        cases (a new minute or station, an end before the start) in methods.
+        """
         reader = csv.reader(text)
         header = next(reader, None)
         if header is None:
             raise TripFileError("empty: no header, no trips")
         _schema, columns = detect_schema(header)
-        rows_before = progress.rows
-        widest = max(columns)
         s, e, si, sn, sla, slo, ei, en, ela, elo = columns
-        counts, bad = self._counts, self.bad
+        # The widest column too, so that a row too short to have them all raises IndexError.
+        needed = operator.itemgetter(s, e, si, ei, max(columns))
+        minute_get, station_get = self._minutes.get, self._index.get
         minute_of, station_of = self._minute, self._station
-        for row in reader:
-            progress.rows += 1
-            if tick is not None and not progress.rows % TICK_ROWS:
-                tick()
-            if len(row) <= widest:
-                bad["short_row"] += 1
-                continue
-            start_id, end_id = row[si], row[ei]
-            if not end_id:
-                bad["no_end_station"] += 1
-                continue
-            if not start_id:
-                bad["no_start_station"] += 1
-                continue
-            started, ended = row[s], row[e]
-            try:
-                start_minute, end_minute = minute_of(started), minute_of(ended)
-                if self._negative(started, ended):
-                    bad["negative_duration"] += 1
+        events = self._events
+        pending, limit = events.pending, events.max_events
+        append = pending.append
+        bad = self.bad
+        rows = rows_before = progress.rows
+        trips = 0
+        try:
+            for row in reader:
+                rows += 1
+                if not rows % TICK_ROWS and tick is not None:
+                    progress.rows = rows
+                    tick()
+                try:
+                    started, ended, start_id, end_id, _ = needed(row)
+                except IndexError:
+                    bad["short_row"] += 1
                     continue
-            except ValueError:
-                bad["bad_time"] += 1
-                continue
-            a = station_of(start_id, row[sn], row[sla], row[slo])
-            b = station_of(end_id, row[en], row[ela], row[elo])
-            key = (a << 32) | start_minute
-            counts[key] = counts.get(key, 0) + 1
-            key = (b << 32) | end_minute
-            counts[key] = counts.get(key, 0) + _DOCK
-            self.trips += 1
-            if len(counts) > self.max_keys_in_memory:
-                self._spill_counts()
-        if progress.rows == rows_before:
+                if not end_id:
+                    bad["no_end_station"] += 1
+                    continue
+                if not start_id:
+                    bad["no_start_station"] += 1
+                    continue
+                start = minute_get(started[:16])
+                end = minute_get(ended[:16])
+                if start is None or end is None or ended < started:
+                    try:
+                        start, end = minute_of(started), minute_of(ended)
+                        if self._negative(started, ended):
+                            bad["negative_duration"] += 1
+                            continue
+                    except ValueError:
+                        bad["bad_time"] += 1
+                        continue
+                a = station_get(start_id)
+                if a is None:
+                    a = station_of(start_id, row[sn], row[sla], row[slo])
+                b = station_get(end_id)
+                if b is None:
+                    b = station_of(end_id, row[en], row[ela], row[elo])
+                append(start | a)  # an undock
+                append(end | b | 1)  # a dock
+                trips += 1
+                if len(pending) >= limit:
+                    events.spill()
+        finally:
+            progress.rows = rows
+            self.trips += trips
+        if rows == rows_before:
             raise TripFileError("a header and no trips")
-
-    # -- spilling
-    def _spill_counts(self) -> None:
-        if self._spill is None:
-            self._spill_dir = tempfile.TemporaryDirectory(prefix="livestack-trips-")
-            self._spill = sqlite3.connect(Path(self._spill_dir.name) / "flows.sqlite")
-            self._spill.execute("PRAGMA journal_mode=OFF")
-            self._spill.execute("PRAGMA synchronous=OFF")  # a scratch file: speed over safety
-            self._spill.execute("CREATE TABLE flows (key INTEGER PRIMARY KEY, packed INTEGER)")
-        self._spill.executemany(
-            "INSERT INTO flows VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
-            "SET packed = packed + excluded.packed",
-            self._counts.items(),
-        )
-        self._spill.commit()
-        self._counts.clear()
 
     @property
     def spilled(self) -> bool:
-        return self._spill is not None
+        return self._events.spilled
+
+    @property
+    def events(self) -> int:
+        """Docks and undocks counted (twice the trips)."""
+        return self._events.count + len(self._events.pending)
 
     def span(self) -> tuple[int, int] | None:
         """(first, last) epoch minute with a dock or undock; None when there is none."""
-        minutes = [key & 0xFFFFFFFF for key in self._counts]
-        bounds = [(min(minutes), max(minutes))] if minutes else []
-        if self._spill is not None:
-            low, high = self._spill.execute(
-                "SELECT MIN(key & 4294967295), MAX(key & 4294967295) FROM flows"
-            ).fetchone()
-            if low is not None:
-                bounds.append((low, high))
-        if not bounds:
+        bounds = self._events.bounds()
+        if bounds is None:
             return None
-        return min(b[0] for b in bounds), max(b[1] for b in bounds)
-
-    def size(self) -> int:
-        """(station, minute) rows that ``rows`` yields."""
-        if self._spill is None:
-            return len(self._counts)
-        self._spill_counts()
-        (count,) = self._spill.execute("SELECT COUNT(*) FROM flows").fetchone()
-        return int(count)
+        return bounds[0] >> _MINUTE_SHIFT, bounds[1] >> _MINUTE_SHIFT
 
     # -- output
-    def _packed(self, by_minute: bool) -> Iterator[tuple[int, int]]:
-        if self._spill is None:
-            items = self._counts.items()
-            if by_minute:
-                return iter(sorted(items, key=lambda kv: (kv[0] & 0xFFFFFFFF, kv[0])))
-            return iter(items)
-        self._spill_counts()
-        order = "key & 4294967295, key" if by_minute else "key"
-        return iter(self._spill.execute(f"SELECT key, packed FROM flows ORDER BY {order}"))
+    def batches(
+        self,
+        system: str,
+        size: int,
+        *,
+        shift_secs: int = 0,
+        rename: Callable[[str], str] = lambda s: s,
+    ) -> Iterator[tuple[list[FlowRow], int]]:
+        """Every (station, minute) with a dock or undock as a station_flow row stamped with its
+        minute (+ ``shift_secs``), in time order (then by station), in lists of at most
+        ``size``, each with the number of events its rows count (for progress)."""
+        stations = [
+            ((("station_id", rename(station_id)), ("system", system)), lat, lon, name)
+            for station_id, name, lat, lon in self.stations
+        ]
+        batch: list[FlowRow] = []
+        append = batch.append
+        counted = 0
+        events = self._events.merged()
+        first = next(events, None)
+        if first is None:
+            return
+        current, docks = first >> 1, first & 1
+        undocks = 1 - docks
+        for event in events:
+            key = event >> 1
+            if key == current:  # the same station and minute
+                if event & 1:
+                    docks += 1
+                else:
+                    undocks += 1
+                continue
+            tags, lat, lon, name = stations[current & _STATION_MASK]
+            stamp = (current >> _STATION_BITS) * 60 + shift_secs
+            append((tags, (docks, lat, lon, name, docks - undocks, undocks), stamp))
+            counted += docks + undocks
+            if len(batch) == size:
+                yield batch, counted
+                batch, counted = [], 0
+                append = batch.append
+            current, docks = key, event & 1
+            undocks = 1 - docks
+        tags, lat, lon, name = stations[current & _STATION_MASK]
+        stamp = (current >> _STATION_BITS) * 60 + shift_secs
+        append((tags, (docks, lat, lon, name, docks - undocks, undocks), stamp))
+        yield batch, counted + docks + undocks
 
     def rows(
-        self, system: str, *, by_minute: bool = False, rename: Callable[[str], str] = lambda s: s
+        self, system: str, *, rename: Callable[[str], str] = lambda s: s
     ) -> Iterator[tuple[int, FlowRow]]:
-        """(epoch minute, station_flow row), every (station, minute) with a dock or undock."""
-        tags_of: list[tuple[tuple[str, str], ...]] = [
-            (("station_id", rename(station_id)), ("system", system))
-            for station_id, _name, _lat, _lon in self.stations
-        ]
-        for key, packed in self._packed(by_minute):
-            station, minute = key >> 32, key & 0xFFFFFFFF
-            undocks, docks = packed & 0xFFFFFFFF, packed >> 32
-            _id, name, lat, lon = self.stations[station]
-            yield (
-                minute,
-                (tags_of[station], (docks, lat, lon, name, docks - undocks, undocks), minute * 60),
-            )
+        """(epoch minute, station_flow row) for every (station, minute) with a dock or undock,
+        in time order."""
+        for batch, _events in self.batches(system, 5000, rename=rename):
+            for row in batch:
+                yield row[2] // 60, row
 
     def close(self) -> None:
-        if self._spill is not None:
-            self._spill.close()
-        if self._spill_dir is not None:
-            self._spill_dir.cleanup()
+        self._events.close()
 
 
 def _float(text: str) -> float | None:
