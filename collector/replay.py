@@ -389,16 +389,14 @@ def backfill(
     """Every (station, minute) at its minute (+ ``shift_secs``), in batches of CHUNK rows;
     stops between batches when ``stop()`` says so (a signal also makes the writer give up
     its retries, so the batch in flight ends at once)."""
-    encoder = Encoder(STATION_FLOW)
     outcome = TripReplayResult(trips=flows.trips)
     total, counted = flows.events, 0  # the rows are not known before the merge: events are
     if bar is not None:
         bar.update("writing", 0)
-    for rows, events in flows.batches(system, CHUNK, shift_secs=shift_secs, rename=rename):
+    for lines, events in flows.lines(system, CHUNK, shift_secs=shift_secs, rename=rename):
         if stop():
             outcome.stopped = True
             break
-        lines, _empty = encoder.lines(rows)
         _count(outcome, sink.write(STATION_FLOW.bucket, lines, STATION_FLOW.precision))
         counted += events
         if bar is not None:

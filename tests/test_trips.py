@@ -6,6 +6,7 @@ import csv
 import gzip
 import zipfile
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -245,6 +246,10 @@ def _independent_flows(path: Path, *columns: str) -> dict[tuple[str, int], tuple
     return {key: (docks, undocks) for key, (undocks, docks) in counts.items()}
 
 
+def _joined(batches: Iterable[tuple[list[str], int]]) -> list[str]:
+    return [line for lines, _events in batches for line in lines]
+
+
 @pytest.mark.parametrize(("name", "columns"), REAL_FILES)
 def test_spilled_runs_give_the_same_lines_as_one_run_in_memory(
     shared_fixtures: Path, monkeypatch: pytest.MonkeyPatch, name: str, columns: tuple[str, ...]
@@ -253,16 +258,22 @@ def test_spilled_runs_give_the_same_lines_as_one_run_in_memory(
     in_memory = _flows(path)
     encoder = Encoder(STATION_FLOW)
     expected = encoder.lines([row for _m, row in in_memory.rows("citibike")])[0]
+    # The backfill's own line making is the generic encoder's.
+    assert _joined(in_memory.lines("citibike", 1000)) == expected
     in_memory.close()
-    # Runs of 100 events (hundreds of them), read 7 events at a time, merged 5 at once: every
+    # Runs of 100 events (hundreds of them), read 3 events at a time, merged 5 at once: every
     # path of the merge, including runs merged into longer ones first.
-    monkeypatch.setattr(trips, "BLOCK_EVENTS", 7)
+    monkeypatch.setattr(trips, "WINDOW_EVENTS", 7)
+    monkeypatch.setattr(trips, "MIN_BLOCK_EVENTS", 3)
     monkeypatch.setattr(trips, "MAX_MERGE_RUNS", 5)
     spilled = _flows(path, max_events_in_memory=100)
     assert spilled.spilled
     rows = [row for _m, row in spilled.rows("citibike")]
-    spilled.close()
     assert encoder.lines(rows)[0] == expected  # the same lines in the same order
+    batches = list(spilled.lines("citibike", 1000))
+    assert _joined(batches) == expected
+    assert sum(events for _lines, events in batches) == 2 * spilled.trips
+    spilled.close()
     stamps = [stamp for _tags, _values, stamp in rows]
     assert stamps == sorted(stamps)  # time order, as a live replay needs
     counted = {}

@@ -18,24 +18,24 @@ from __future__ import annotations
 
 import csv
 import gzip
-import heapq
 import io
 import operator
 import tempfile
 import zipfile
 import zlib
 from array import array
+from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeAlias
 from zoneinfo import ZoneInfo
 
 from collector.contract import STATION_FLOW
-from collector.lineprotocol import FieldValue, Tags
+from collector.lineprotocol import FieldValue, Tags, format_float, format_string, series_key
 
 assert STATION_FLOW.field_names == ("docks", "lat", "lon", "name", "net", "undocks")
 
@@ -234,7 +234,9 @@ MAX_STATIONS = 1 << _STATION_BITS
 # Cached minute texts ("YYYY-MM-DD HH:MM"): a month has 44,640; emptied past this so that a
 # file of many years cannot grow the cache without bound.
 MAX_CACHED_MINUTES = 200_000
-BLOCK_EVENTS = 65_536  # read from a spilled run at a time: 512 KiB
+# Events in one window of a merge, all runs together (~48 bytes each while sorted: 24 MB).
+WINDOW_EVENTS = 500_000
+MIN_BLOCK_EVENTS = 4096  # read from one run at a time, however many runs are merged
 MAX_MERGE_RUNS = 64  # runs merged at once: past this, runs are first merged into longer ones
 
 
@@ -243,8 +245,8 @@ class _SortedEvents:
     one scratch file, and ``merged`` yields every event in order.
 
     Memory is the pending array (8 bytes an event), the sort of one run (~48 bytes an event
-    while it lasts: a list of Python ints) and, when merging, one block per run with at most
-    MAX_MERGE_RUNS runs merged at once: bounded whatever the number of events.
+    while it lasts: a list of Python ints) and, when merging, one window of WINDOW_EVENTS with at
+    most MAX_MERGE_RUNS runs merged at once: bounded whatever the number of events.
     """
 
     def __init__(self, max_events: int) -> None:
@@ -295,20 +297,33 @@ class _SortedEvents:
             return None
         return self._first, self._last
 
-    def merged(self) -> Iterator[int]:
+    def merged(self) -> Iterator[Sequence[int]]:
+        """Every event in order, in blocks."""
         self.seal()
         if self._memory is not None:
-            return iter(self._memory)
+            return iter((self._memory,))
         while len(self._runs) > MAX_MERGE_RUNS:
-            # Merged into one longer run first, so that the final merge reads one block per
-            # run from at most MAX_MERGE_RUNS runs.
+            # Merged into one longer run first, so that no window holds more than
+            # MAX_MERGE_RUNS blocks.
             first, self._runs = self._runs[:MAX_MERGE_RUNS], self._runs[MAX_MERGE_RUNS:]
             start = self._end
-            merging = heapq.merge(*(self._read(run) for run in first))
-            while block := array("q", islice(merging, BLOCK_EVENTS)):
-                self._append(block)
+            for window in self._merge(first):
+                self._append(array("q", window))
             self._runs.append((start, self._end - start))
-        return heapq.merge(*(self._read(run) for run in self._runs))
+        return self._merge(self._runs)
+
+    def _merge(self, runs: list[tuple[int, int]]) -> Iterator[list[int]]:
+        """The events of sorted ``runs`` in order, in windows: each takes from every run what
+        is not above the smallest last event of their current blocks, and sorts it in C (the
+        sort finds the runs in it and merges them), instead of a heap step in Python per event.
+        """
+        block_events = max(MIN_BLOCK_EVENTS, WINDOW_EVENTS // len(runs))
+        readers = [_RunReader(self._blocks(start, count, block_events)) for start, count in runs]
+        while readers:
+            bound = min(reader.block[-1] for reader in readers)
+            parts = [reader.take(bound) for reader in readers]
+            readers = [reader for reader in readers if reader.block]
+            yield sorted(chain.from_iterable(parts))
 
     def _write(self, run: array[int]) -> None:
         start = self._end
@@ -323,14 +338,11 @@ class _SortedEvents:
         events.tofile(self._file)
         self._end += len(events)
 
-    def _read(self, run: tuple[int, int]) -> Iterator[int]:
-        return chain.from_iterable(self._blocks(*run))
-
-    def _blocks(self, start: int, count: int) -> Iterator[array[int]]:
+    def _blocks(self, start: int, count: int, block_events: int) -> Iterator[array[int]]:
         file = self._file
         assert file is not None
         while count:
-            n = min(count, BLOCK_EVENTS)
+            n = min(count, block_events)
             block = array("q")
             file.seek(start * 8)  # the runs are read in turns from one file
             block.fromfile(file, n)
@@ -341,6 +353,24 @@ class _SortedEvents:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _RunReader:
+    """A sorted run being merged: its current block and how far into it the merge has got."""
+
+    def __init__(self, blocks: Iterator[array[int]]) -> None:
+        self._blocks = blocks
+        self.block = next(blocks)  # empty once the run is used up
+        self._position = 0
+
+    def take(self, bound: int) -> array[int]:
+        """The next events not above ``bound`` (at most the rest of the current block)."""
+        start = self._position
+        end = self._position = bisect_right(self.block, bound, start)
+        taken = self.block[start:end]
+        if end == len(self.block):
+            self.block, self._position = next(self._blocks, array("q")), 0
+        return taken
 
 
 @dataclass
@@ -484,25 +514,14 @@ class Flows:
         return bounds[0] >> _MINUTE_SHIFT, bounds[1] >> _MINUTE_SHIFT
 
     # -- output
-    def batches(
-        self,
-        system: str,
-        size: int,
-        *,
-        shift_secs: int = 0,
-        rename: Callable[[str], str] = lambda s: s,
-    ) -> Iterator[tuple[list[FlowRow], int]]:
-        """Every (station, minute) with a dock or undock as a station_flow row stamped with its
-        minute (+ ``shift_secs``), in time order (then by station), in lists of at most
-        ``size``, each with the number of events its rows count (for progress)."""
-        stations = [
-            ((("station_id", rename(station_id)), ("system", system)), lat, lon, name)
-            for station_id, name, lat, lon in self.stations
-        ]
-        batch: list[FlowRow] = []
+    def _counted(self, size: int) -> Iterator[tuple[list[tuple[int, int, int]], int]]:
+        """(station-minute key, docks, undocks) for every (station, minute) with an event, in
+        time order (then by station), in lists of at most ``size``, each with the number of
+        events it counts. The key is ``minute << 29 | station``."""
+        batch: list[tuple[int, int, int]] = []
         append = batch.append
         counted = 0
-        events = self._events.merged()
+        events = chain.from_iterable(self._events.merged())
         first = next(events, None)
         if first is None:
             return
@@ -510,15 +529,13 @@ class Flows:
         undocks = 1 - docks
         for event in events:
             key = event >> 1
-            if key == current:  # the same station and minute
+            if key == current:  # the same station and minute: sorted events are neighbours
                 if event & 1:
                     docks += 1
                 else:
                     undocks += 1
                 continue
-            tags, lat, lon, name = stations[current & _STATION_MASK]
-            stamp = (current >> _STATION_BITS) * 60 + shift_secs
-            append((tags, (docks, lat, lon, name, docks - undocks, undocks), stamp))
+            append((current, docks, undocks))
             counted += docks + undocks
             if len(batch) == size:
                 yield batch, counted
@@ -526,19 +543,62 @@ class Flows:
                 append = batch.append
             current, docks = key, event & 1
             undocks = 1 - docks
-        tags, lat, lon, name = stations[current & _STATION_MASK]
-        stamp = (current >> _STATION_BITS) * 60 + shift_secs
-        append((tags, (docks, lat, lon, name, docks - undocks, undocks), stamp))
+        append((current, docks, undocks))
         yield batch, counted + docks + undocks
+
+    def lines(
+        self,
+        system: str,
+        size: int,
+        *,
+        shift_secs: int = 0,
+        rename: Callable[[str], str] = lambda s: s,
+    ) -> Iterator[tuple[list[str], int]]:
+        """station_flow line protocol for every (station, minute) with a dock or undock, stamped
+        with its minute (+ ``shift_secs``) in seconds, in time order, in lists of at most
+        ``size`` lines, each with the number of events it counts (for progress).
+
+        The lines are those of ``Encoder(STATION_FLOW)`` for ``rows``, made here from each
+        station's constant text (series key, position, name) and three integers: the generic
+        encoder would cost as much again as everything else a backfill does.
+        """
+        heads, middles = [], []
+        for station_id, name, lat, lon in self.stations:
+            tags = (("station_id", rename(station_id)), ("system", system))
+            heads.append(series_key(STATION_FLOW.name, tags) + " docks=")
+            fields = [
+                f",{key}={text}"
+                for key, text in (
+                    ("lat", None if lat is None else format_float(lat)),
+                    ("lon", None if lon is None else format_float(lon)),
+                    ("name", None if name is None else format_string(name)),
+                )
+                if text is not None
+            ]
+            middles.append("i" + "".join(fields) + ",net=")
+        mask, bits = _STATION_MASK, _STATION_BITS
+        for batch, events in self._counted(size):
+            lines = [
+                f"{heads[key & mask]}{docks}{middles[key & mask]}{docks - undocks}i,"
+                f"undocks={undocks}i {(key >> bits) * 60 + shift_secs}"
+                for key, docks, undocks in batch
+            ]
+            yield lines, events
 
     def rows(
         self, system: str, *, rename: Callable[[str], str] = lambda s: s
     ) -> Iterator[tuple[int, FlowRow]]:
         """(epoch minute, station_flow row) for every (station, minute) with a dock or undock,
-        in time order."""
-        for batch, _events in self.batches(system, 5000, rename=rename):
-            for row in batch:
-                yield row[2] // 60, row
+        in time order, then by station."""
+        stations = [
+            ((("station_id", rename(station_id)), ("system", system)), lat, lon, name)
+            for station_id, name, lat, lon in self.stations
+        ]
+        for batch, _events in self._counted(5000):
+            for key, docks, undocks in batch:
+                tags, lat, lon, name = stations[key & _STATION_MASK]
+                minute = key >> _STATION_BITS
+                yield minute, (tags, (docks, lat, lon, name, docks - undocks, undocks), minute * 60)
 
     def close(self) -> None:
         self._events.close()
