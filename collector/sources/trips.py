@@ -411,7 +411,28 @@ class Flows:
             minute = self._minutes[key] = epoch_minute << _MINUTE_SHIFT
         return minute
 
+    def _keys(self, row: list[str], columns: list[int]) -> tuple[int, int, int, int] | None:
+        """(start minute, end minute, start station, end station) of a row whose minutes or
+        stations are new, or whose end comes before its start; None when it is a bad row
+        (counted)."""
+        s, e, si, sn, sla, slo, ei, en, ela, elo = columns
+        started, ended = row[s], row[e]
+        try:
+            start, end = self._minute(started), self._minute(ended)
+            if self._negative(started, ended):
+                self.bad["negative_duration"] += 1
+                return None
+        except ValueError:
+            self.bad["bad_time"] += 1
+            return None
+        a = self._station(row[si], row[sn], row[sla], row[slo])
+        return start, end, a, self._station(row[ei], row[en], row[ela], row[elo])
+
     def _station(self, station_id: str, name: str, lat: str, lon: str) -> int:
+        """The station's number << 1, a new one the first time it is seen."""
+        index = self._index.get(station_id)
+        if index is not None:
+            return index
         if len(self.stations) >= MAX_STATIONS:
             raise TripFileError(f"more than {MAX_STATIONS:,} stations")
         index = self._index[station_id] = len(self.stations) << 1
@@ -434,18 +455,17 @@ class Flows:
         """Count the trips of one CSV text; ``tick`` is called every few thousand rows.
 
         The loop runs once per trip, so it is written for speed: caches read inline, the rare
-        cases (a new minute or station, an end before the start) in methods.
+        cases (a new minute or station, an end before the start) in ``_keys``.
         """
         reader = csv.reader(text)
         header = next(reader, None)
         if header is None:
             raise TripFileError("empty: no header, no trips")
         _schema, columns = detect_schema(header)
-        s, e, si, sn, sla, slo, ei, en, ela, elo = columns
+        s, e, si, _sn, _sla, _slo, ei, *_end = columns
         # The widest column too, so that a row too short to have them all raises IndexError.
         needed = operator.itemgetter(s, e, si, ei, max(columns))
-        minute_get, station_get = self._minutes.get, self._index.get
-        minute_of, station_of = self._minute, self._station
+        minutes, index = self._minutes, self._index
         events = self._events
         pending, limit = events.pending, events.max_events
         append = pending.append
@@ -469,23 +489,18 @@ class Flows:
                 if not start_id:
                     bad["no_start_station"] += 1
                     continue
-                start = minute_get(started[:16])
-                end = minute_get(ended[:16])
-                if start is None or end is None or ended < started:
-                    try:
-                        start, end = minute_of(started), minute_of(ended)
-                        if self._negative(started, ended):
-                            bad["negative_duration"] += 1
-                            continue
-                    except ValueError:
-                        bad["bad_time"] += 1
+                try:
+                    start, end = minutes[started[:16]], minutes[ended[:16]]
+                    a, b = index[start_id], index[end_id]
+                    settled = ended >= started
+                except KeyError:
+                    settled = False
+                if not settled:
+                    # A minute or a station not seen yet, or an end before the start: rare.
+                    keys = self._keys(row, columns)
+                    if keys is None:
                         continue
-                a = station_get(start_id)
-                if a is None:
-                    a = station_of(start_id, row[sn], row[sla], row[slo])
-                b = station_get(end_id)
-                if b is None:
-                    b = station_of(end_id, row[en], row[ela], row[elo])
+                    start, end, a, b = keys
                 append(start | a)  # an undock
                 append(end | b | 1)  # a dock
                 trips += 1
