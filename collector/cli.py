@@ -358,6 +358,7 @@ def _replay(config: settings.Settings, args: argparse.Namespace) -> int:
             retention=retention,
             rename=rename,
             stop=stop,
+            writers=0 if writer is None else replay.WRITERS,
         )
         # A live replay ends with Ctrl-C by design; a stopped backfill is incomplete.
         incomplete = outcome.stopped and args.speed is None

@@ -145,7 +145,7 @@ class Ticking:
         return self.now
 
 
-def _big_file(tmp_path: Path, trips: int) -> Path:
+def big_file(tmp_path: Path, trips: int) -> Path:
     """``trips`` trips, each in its own minute, so that there are 2 x trips rows to write."""
     path = tmp_path / "big.csv"
     with path.open("w") as f:
@@ -161,7 +161,7 @@ def _big_file(tmp_path: Path, trips: int) -> Path:
 def test_progress_moves_while_reading_and_while_writing_as_log_lines(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = _big_file(tmp_path, 20_000)
+    path = big_file(tmp_path, 20_000)
     stream = io.StringIO()  # not a terminal: log lines every every_secs
     bar = replay.ProgressLine(stream, clock=Ticking(), every_secs=1.0)
     flows, progress = Flows(), Progress()
@@ -187,7 +187,7 @@ class Terminal(io.StringIO):
 
 
 def test_progress_redraws_one_terminal_line_while_reading(tmp_path: Path) -> None:
-    path = _big_file(tmp_path, 12_000)
+    path = big_file(tmp_path, 12_000)
     stream = Terminal()
     bar = replay.ProgressLine(stream, clock=Ticking())
     replay.read_flows([path], Flows(), Progress(), bar)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import gzip
+import threading
 import zipfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -16,9 +18,11 @@ import pytest
 from collector import replay
 from collector.contract import STATION_FLOW
 from collector.lineprotocol import Encoder
+from collector.sinks.base import AuthError
 from collector.sources import gbfs, trips
 from collector.sources.trips import Flows, Progress, TripFileError
-from tests.support import DATA
+from tests.support import DATA, wait_for
+from tests.test_replay_input import big_file
 
 TRIPS = DATA / "trips"
 NEW_YORK = ZoneInfo("America/New_York")
@@ -281,3 +285,114 @@ def test_spilled_runs_give_the_same_lines_as_one_run_in_memory(
         fields = dict(zip(STATION_FLOW.field_names, values, strict=True))
         counted[(dict(tags)["station_id"], stamp)] = (fields["docks"], fields["undocks"])
     assert counted == _independent_flows(path, *columns)
+
+
+# ------------------------------------------------------------- overlapped backfill writes
+
+
+class GatedSink:
+    """Keeps each batch it is given; every write waits for ``gate``, so a test sees what is
+    in flight and what the backfill made meanwhile."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.gate = threading.Event()
+        self.batches: list[list[str]] = []
+        self.in_flight = self.most_in_flight = 0
+        self._fail_at = fail_at
+        self._lock = threading.Lock()
+
+    def write(self, bucket: str, lines: list[str], precision: str) -> replay.WriteReport:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            number = len(self.batches)
+            self.batches.append(lines)
+        assert self.gate.wait(30), "the test never opened the gate"
+        with self._lock:
+            self.in_flight -= 1
+        if number == self._fail_at:
+            raise AuthError("refused")
+        return replay.WriteReport(written=len(lines))
+
+
+class CountedFlows:
+    """Flows whose batches of lines are counted as the backfill takes them."""
+
+    def __init__(self, flows: Flows) -> None:
+        self.flows, self.made = flows, 0
+        self.trips, self.events = flows.trips, flows.events
+
+    def lines(self, *args: Any, **kwargs: Any) -> Iterator[tuple[list[str], int]]:
+        for batch in self.flows.lines(*args, **kwargs):
+            self.made += 1
+            yield batch
+
+
+def _backfill_in_thread(
+    flows: CountedFlows, sink: GatedSink, stop: Callable[[], bool] = lambda: False
+) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["outcome"] = replay.backfill(
+                flows,  # type: ignore[arg-type]  # the Flows the backfill reads, counted
+                sink,
+                "jc",
+                lambda s: s,
+                stop=stop,
+                writers=2,
+            )
+        except Exception as exc:  # handed to the test, which asserts on it
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def test_overlapped_writes_are_two_in_flight_and_four_made_ahead_at_most(tmp_path: Path) -> None:
+    flows = _flows(big_file(tmp_path, 20_000))  # 40,000 rows: 8 batches
+    expected = _joined(flows.lines("jc", replay.CHUNK))
+    counted, sink = CountedFlows(flows), GatedSink()
+    thread, result = _backfill_in_thread(counted, sink)
+    wait_for(lambda: counted.made == 4 and sink.in_flight == 2, what="two writes, four batches")
+    # No write can end while the gate is shut: the backfill waits instead of making more.
+    assert counted.made == 4 and len(sink.batches) == 2
+    sink.gate.set()
+    thread.join(30)
+    assert result["outcome"].rows_written == len(expected) == 40_000
+    assert sink.most_in_flight == 2
+    assert sorted(line for lines in sink.batches for line in lines) == sorted(expected)
+    flows.close()
+
+
+def test_a_refused_overlapped_write_is_raised_by_the_backfill(tmp_path: Path) -> None:
+    flows = _flows(big_file(tmp_path, 20_000))
+    sink = GatedSink(fail_at=1)
+    sink.gate.set()
+    thread, result = _backfill_in_thread(CountedFlows(flows), sink)
+    thread.join(30)
+    assert isinstance(result["error"], AuthError)
+    # The writes already handed over end (four, and the fifth made as the first was counted);
+    # no batch is made after the refusal is seen.
+    assert len(sink.batches) <= 5
+    assert not any(t.name.startswith("backfill-write") for t in threading.enumerate())
+    flows.close()
+
+
+def test_a_stopped_overlapped_backfill_counts_what_was_written(tmp_path: Path) -> None:
+    flows = _flows(big_file(tmp_path, 20_000))
+    counted, sink = CountedFlows(flows), GatedSink()
+    stopping = threading.Event()
+    thread, result = _backfill_in_thread(counted, sink, stop=stopping.is_set)
+    wait_for(lambda: counted.made == 4 and sink.in_flight == 2, what="two writes, four batches")
+    stopping.set()
+    sink.gate.set()
+    thread.join(30)
+    outcome = result["outcome"]
+    assert outcome.stopped
+    # The fifth batch is made, then the stop is seen: it and any batch not yet started stay
+    # unsent, and what was sent is what is counted.
+    assert counted.made == 5
+    assert outcome.rows_written == sum(len(lines) for lines in sink.batches) <= 20_000
