@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import requests
 
@@ -57,7 +58,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(url: str, patients: int, secs: float, interval: float) -> dict[str, float]:
+def process_cpu_secs(pid: int) -> float:
+    """User + system CPU of another process (Linux ``/proc``), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    url: str, patients: int, secs: float, interval: float, simulator_pid: int
+) -> dict[str, float]:
     settings = Settings(
         pressure=PressureSettings(
             url=url, patients=list(range(1, patients + 1)), interval_secs=interval
@@ -68,12 +77,14 @@ def measure(url: str, patients: int, secs: float, interval: float) -> dict[str, 
     stop = threading.Event()
     runner = threading.Thread(target=collector.run, args=(stop,))
     cpu0, wall0 = time.process_time(), time.monotonic()
+    sim0 = process_cpu_secs(simulator_pid)
     runner.start()
     time.sleep(secs)  # the measured window itself, not a wait for anything
     stopped_at = time.time()
     stop.set()
     runner.join()
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    simulator_cpu = process_cpu_secs(simulator_pid) - sim0
     counts = collector.counters.snapshot()
     on_time = sum(
         n for (_, stage, result), n in counts.items() if (stage, result) == ("schedule", "on_time")
@@ -98,6 +109,7 @@ def measure(url: str, patients: int, secs: float, interval: float) -> dict[str, 
         "failed": failed,
         "cpu_per_1000": 1000 * cpu / readings if readings else float("nan"),
         "cpu_share": cpu / wall,
+        "simulator_share": simulator_cpu / wall,
         "lines": sink.lines,
     }
 
@@ -143,14 +155,14 @@ def main() -> None:
         )
         print(
             f"{'patients':>8} {'slots':>7} {'on time':>8} {'readings/s':>11} {'failed':>7} "
-            f"{'CPU s/1000 readings':>20} {'CPU share':>10}"
+            f"{'CPU s/1000 readings':>20} {'CPU share':>10} {'simulator CPU':>14}"
         )
         for n in counts:
-            r = measure(url, n, args.secs, args.interval)
+            r = measure(url, n, args.secs, args.interval, simulator.pid)
             print(
                 f"{r['patients']:8d} {r['slots']:7d} {r['on_time']:8.2%} "
                 f"{r['readings_per_sec']:11.1f} {r['failed']:7d} "
-                f"{r['cpu_per_1000']:20.3f} {r['cpu_share']:10.0%}"
+                f"{r['cpu_per_1000']:20.3f} {r['cpu_share']:10.0%} {r['simulator_share']:14.0%}"
             )
     finally:
         simulator.terminate()

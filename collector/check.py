@@ -30,7 +30,8 @@ def check(config: Settings) -> int:
     written), 1 when something else failed (a feed, a missing bucket)."""
     # Built as for `run --once`: nothing is written (check() polls without writing).
     counters = Counters()
-    sources, report = build_jobs(config, StdoutSink(), counters, Fatal(), once=True)
+    jobs = build_jobs(config, StdoutSink(), counters, Fatal(), once=True)
+    sources, report = [*jobs.sources, *jobs.patients], jobs.report
     buckets = list(dict.fromkeys(b for job in (*sources, report) for b in job.buckets))
     database = _database(config, buckets)
     print(_spool(config))

@@ -249,6 +249,12 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
     if not args.dry_run and (problem := flavour_problem(config.influxdb)):
         return _fail(problem)
     counters, fatal = Counters(), Fatal()
+    stop = threading.Event()
+    if not args.once:
+        # Before anything starts (the spool's drainer first): a stop asked for while the
+        # collector starts is a clean stop, not the default death by signal.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
     try:
         sink = StdoutSink() if args.dry_run else _database_sink(config, counters, fatal)
     except SpoolBusy as exc:
@@ -274,9 +280,6 @@ def _run(config: settings.Settings, args: argparse.Namespace) -> int:
                     written=summary.written,
                 )
             return EXIT_OK if all(s.ok for s in summaries) else EXIT_FAILURES
-        stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
         scheduler.run(stop)
         return EXIT_OK if fatal.error is None else EXIT_CONFIG
     finally:

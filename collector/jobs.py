@@ -8,14 +8,15 @@ here, and one line in ``build_jobs``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from collector.archive import Archive
 from collector.contract import (
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Bike-share systems polled at least this far apart keep nothing between polls that the next
 # poll can rebuild cheaply. Their connections: servers close idle keep-alive connections
@@ -62,8 +64,8 @@ LONG_INTERVAL_SECS = 30.0
 # A bike-share poll is on time when it starts within this share of its interval after its
 # slot: then the gap between two polls stays within 10% of the interval.
 ON_TIME_SHARE = 0.1
-# Patients' first slot, shared by all: this far after their jobs are made, time enough to add
-# them to the scheduler before it comes.
+# The first patient's first slot: this far after their jobs are made, time enough to add them
+# to the scheduler before it comes.
 PATIENT_START_DELAY_SECS = 0.05
 
 
@@ -249,6 +251,10 @@ class GbfsJob:
 class PatientJob:
     """One patient: a reading as pressure, anomaly and (when allowed) patient lines.
 
+    ``poll`` is the hot path, a coroutine: the scheduler runs every patient's on one event
+    loop (``collector.scheduler``), as a thread per patient cost three times the CPU. ``run``
+    and ``check`` poll once on a loop of their own (``run --once``, ``collector check``).
+
     On schedule, readings (hundreds a second) go to ``queue``, a ``BatchingSink`` shared by
     every patient, which ``close`` flushes; without one (``run --once``) they are written to
     ``sink`` before the summary, whose count is then what the database took.
@@ -270,7 +276,7 @@ class PatientJob:
         # PATIENT rows go to PRESSURE's bucket.
         self.buckets: tuple[str, ...] = (PRESSURE.bucket, ANOMALY.bucket)
         self.interval_secs = interval_secs
-        self.jitter_secs = 0.0  # the cadence is the point: every patient on the same slots
+        self.jitter_secs = 0.0  # the cadence is the point: slots exactly interval_secs apart
         self.start_secs = start_secs
         self.cadence = Cadence(interval_secs, start_secs)
         self._out: Sink = sink if queue is None else queue
@@ -279,18 +285,48 @@ class PatientJob:
         self._encoders = (Encoder(PRESSURE), Encoder(ANOMALY), Encoder(PATIENT))
         self._person: Person | None = None
 
-    def run(self) -> PollSummary:
+    async def poll(self) -> PollSummary:
+        """One poll, queued for writing (or written, without a queue) before it returns.
+        Cancelled (shutdown), it is counted as cut, and the cancellation goes on."""
         started = time.time()
         try:
-            return self._poll()
+            return await self._poll()
+        except asyncio.CancelledError:
+            failure = Failure("cancelled", f"{self.name}: cut, the collector is stopping")
+            self._counters.failed(self.name, "poll_failed", failure, once=True)
+            raise
         finally:
             on_time = self.cadence.on_time(started, time.time())
             self._counters.add(self.name, "schedule", "on_time" if on_time else "late")
 
-    def _poll(self) -> PollSummary:
+    def run(self) -> PollSummary:
+        return asyncio.run(self._closing(self.poll()))
+
+    def check(self) -> str:
+        reading = asyncio.run(self._closing(self.poller.poll()))
+        flagged = sum(reading.anomalies)
+        return f"ok, {len(reading.values)} sensors" + (f", {flagged} flagged" if flagged else "")
+
+    def abort(self) -> None:
+        """Nothing to cut here: the scheduler cancels polls on its loop, and a one-off
+        ``run`` or ``check`` ends within the source's ``timeout_secs``."""
+
+    def close(self) -> None:
+        self.poller.close()
+        if self._queue is not None:
+            self._queue.close()  # what every patient queued, written (once, by the first)
+
+    async def _closing(self, poll: Coroutine[None, None, _T]) -> _T:
+        # A loop of run()'s own ends with it: its connection must not outlive it.
+        try:
+            return await poll
+        finally:
+            self.poller.close()
+
+    async def _poll(self) -> PollSummary:
         name, counters = self.name, self._counters
         try:
-            reading = self.poller.poll()
+            reading = await self.poller.poll()
         except Failure as failure:
             # Patients are polled several times a second: a log line per failure would bury
             # the log. The first of each reason is logged; the counters keep the rest.
@@ -316,19 +352,6 @@ class PatientJob:
             written += report.written
             ok = ok and not (report.rejected or report.failed)
         return PollSummary(name, ok, "new", written)
-
-    def check(self) -> str:
-        reading = self.poller.poll()
-        flagged = sum(reading.anomalies)
-        return f"ok, {len(reading.values)} sensors" + (f", {flagged} flagged" if flagged else "")
-
-    def abort(self) -> None:
-        self.poller.abort()
-
-    def close(self) -> None:
-        self.poller.close()
-        if self._queue is not None:
-            self._queue.close()  # what every patient queued, written (once, by the first)
 
 
 class TelemetryJob:
@@ -423,7 +446,8 @@ class TelemetryJob:
 
 
 class Jobs(NamedTuple):
-    sources: list[Job]
+    sources: list[Job]  # run on the scheduler's thread pool
+    patients: list[PatientJob]  # polled several times a second: on its event loop
     report: TelemetryJob
 
 
@@ -436,8 +460,8 @@ def build_jobs(
     archive: Archive | None = None,
     once: bool = False,
 ) -> Jobs:
-    """A job per configured source, and the report of them all: the one place that names
-    the kinds of source.
+    """A job per configured source (patients apart: they run on an event loop), and the
+    report of them all: the one place that names the kinds of source.
 
     ``once``: for ``run --once``, patients write straight to ``sink`` instead of through a
     batch writer, so that each job's summary says what the database took.
@@ -446,7 +470,7 @@ def build_jobs(
         GbfsJob(GbfsSystem(system, archive=archive), sink, counters)
         for system in settings.gbfs.assigned()
     ]
-    patients: list[str] = []
+    patient_jobs: list[PatientJob] = []
     source = settings.pressure
     if source.url:
         queue = None
@@ -458,19 +482,23 @@ def build_jobs(
                 flush_interval_secs=source.flush_interval_secs,
             )
         pollers = [PatientPoller(source, patient, archive=archive) for patient in source.patients]
-        # Once every session is made, so that the first slot is not spent making them.
+        # Once every poller is made, so that the first slot is not spent making them.
         start_secs = time.time() + PATIENT_START_DELAY_SECS
-        jobs += [
+        # Patients' slots spread evenly over the interval: the API sees a steady rate, not
+        # every patient at once (at 400 patients that burst made 6% of polls late, the
+        # server answering the last of them after the next slot; BENCHMARKS.md).
+        step_secs = source.interval_secs / max(1, len(pollers))
+        patient_jobs = [
             PatientJob(
                 poller,
                 sink,
                 counters,
                 queue=queue,
                 interval_secs=source.interval_secs,
-                start_secs=start_secs,
+                start_secs=start_secs + i * step_secs,
             )
-            for poller in pollers
+            for i, poller in enumerate(pollers)
         ]
-        patients = [f"patient-{patient}" for patient in source.patients]
+    patients = [job.name for job in patient_jobs]
     systems = [system.name for system in settings.gbfs.assigned()]
-    return Jobs(jobs, TelemetryJob(settings, sink, counters, patients, systems))
+    return Jobs(jobs, patient_jobs, TelemetryJob(settings, sink, counters, patients, systems))

@@ -1,21 +1,25 @@
 """Runs uniform jobs (``collector.jobs.Job``) on their own schedules, and stops them in time.
 
 Each job is one APScheduler job (``max_instances=1``, ``coalesce``) on a bounded thread pool
-(``pool_size``): a thread for each job polled more often than every ``SHARED_ABOVE_SECS`` (a
-patient's cadence is the point), and up to ``SHARED_WORKERS`` shared by the rest (a thousand
-bike-share systems polled every minute need a few dozen threads, not a thousand). The
-scheduler knows no kind of source: it adds every job the same way, runs them once for
-``run --once``, and shuts them down within Docker's grace. Only ``AuthError`` stops it,
-through the one ``Fatal`` holder, since no retry can fix refused credentials.
+(``pool_size``): a thread for each job polled more often than every ``SHARED_ABOVE_SECS``, and
+up to ``SHARED_WORKERS`` shared by the rest (a thousand bike-share systems polled every minute
+need a few dozen threads, not a thousand). Patients, polled several times a second, run on one
+event loop instead (``_PatientLoop``), each on its own cadence with the same rules: one poll
+at a time, a slot missed while the last poll ran is skipped, not made up. The scheduler runs
+every job once for ``run --once``, and shuts them down within Docker's grace. Only
+``AuthError`` stops it, through the one ``Fatal`` holder, since no retry can fix refused
+credentials.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor as _Pool
 from datetime import UTC, datetime
 
@@ -24,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from collector.archive import Archive
-from collector.jobs import Job, PollSummary, build_jobs
+from collector.jobs import Job, PatientJob, PollSummary, build_jobs
 from collector.logs import event
 from collector.settings import Settings
 from collector.sinks.base import AuthError, Fatal, Sink
@@ -58,12 +62,15 @@ class Scheduler:
         jobs: Sequence[Job],
         report: Job,
         *,
+        patients: Sequence[PatientJob] = (),
         sink: Sink,
         counters: Counters,
         fatal: Fatal,
     ) -> None:
-        self.jobs = list(jobs)
+        self.jobs: list[Job] = [*jobs, *patients]  # every source
         self.report = report
+        self._pooled = list(jobs)
+        self._patients = list(patients)
         self._sink = sink
         self.counters = counters
         self._fatal = fatal
@@ -85,23 +92,33 @@ class Scheduler:
         """The jobs ``build_jobs`` makes from ``settings``, scheduled (``once``: see there)."""
         counters = counters or Counters()
         fatal = fatal or Fatal()
-        sources, report = build_jobs(settings, sink, counters, fatal, archive=archive, once=once)
-        return cls(sources, report, sink=sink, counters=counters, fatal=fatal)
+        jobs = build_jobs(settings, sink, counters, fatal, archive=archive, once=once)
+        return cls(
+            jobs.sources,
+            jobs.report,
+            patients=jobs.patients,
+            sink=sink,
+            counters=counters,
+            fatal=fatal,
+        )
 
     def run_once(self) -> list[PollSummary]:
         """Run every job once, concurrently; everything is written before this returns."""
-        if not self.jobs:
-            return []
-        with _Pool(max_workers=pool_size(self.jobs)) as pool:
-            return list(pool.map(lambda job: job.run(), self.jobs))
+        summaries: list[PollSummary] = []
+        with _Pool(max_workers=pool_size(self._pooled) + 1) as pool:
+            patients = pool.submit(asyncio.run, _poll_once(self._patients))
+            summaries += pool.map(lambda job: job.run(), self._pooled)
+            summaries += patients.result()
+        return summaries
 
     def run(self, stop: threading.Event) -> None:
         """Run the jobs on schedule until ``stop`` is set (or credentials are refused)."""
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=pool_size(self.jobs))},
+            executors={"default": ThreadPoolExecutor(max_workers=pool_size(self._pooled))},
             timezone=UTC,
         )
-        for job in (*self.jobs, self.report):
+        patients = _PatientLoop(self._patients, self._tracked_patient)
+        for job in (*self._pooled, self.report):
             start = datetime.fromtimestamp(job.start_secs, UTC)
             scheduler.add_job(
                 self._tracked,
@@ -116,13 +133,14 @@ class Scheduler:
                 next_run_time=start,
             )
         scheduler.start()
+        patients.start()
         kinds = Counter(job.kind for job in self.jobs)
         event(log, logging.INFO, "started", **kinds)
         raised = self._fatal.raised
         while not (stop.wait(_STOP_CHECK_SECS) or raised.is_set()):
             pass
         event(log, logging.INFO, "stopping")
-        self._shutdown(scheduler)
+        self._shutdown(scheduler, patients)
 
     def close(self) -> None:
         """Write what the jobs queued and close their sessions (``run`` does it on its way
@@ -148,13 +166,22 @@ class Scheduler:
                 self._in_flight -= 1
                 self._in_flight_lock.notify_all()
 
+    async def _tracked_patient(self, job: PatientJob) -> None:
+        try:
+            await job.poll()
+        except AuthError as exc:
+            self._fatal.stop(exc, source=job.name)
+        except Exception:  # a bug in one poll must not end the patient's cadence
+            self.counters.add(job.name, "poll", "bug")
+            log.exception("poll_crashed", extra={"source": job.name})
+
     def _wait_for_jobs(self, deadline: float) -> bool:
         with self._in_flight_lock:
             return self._in_flight_lock.wait_for(
                 lambda: self._in_flight == 0, max(0.0, deadline - time.monotonic())
             )
 
-    def _shutdown(self, scheduler: BackgroundScheduler) -> None:
+    def _shutdown(self, scheduler: BackgroundScheduler, patients: _PatientLoop) -> None:
         """Stop within Docker's grace whatever the sources do: runs in flight get
         ``FETCH_GRACE_SECS`` to finish (a reading being received is kept), then fetches still
         in flight are cut (they have collected nothing yet); writes in flight get
@@ -162,9 +189,13 @@ class Scheduler:
         are written last."""
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
         scheduler.shutdown(wait=False)  # no new runs
-        if not self._wait_for_jobs(time.monotonic() + FETCH_GRACE_SECS):
-            for job in self.jobs:
+        patients.stop_new_polls()
+        fetch_deadline = time.monotonic() + FETCH_GRACE_SECS
+        pooled_idle = self._wait_for_jobs(fetch_deadline)
+        if not (patients.wait_idle(fetch_deadline) and pooled_idle):
+            for job in self._pooled:
                 job.abort()
+        patients.cancel_and_join()  # patients only queue their lines: nothing left to wait for
         if not self._wait_for_jobs(deadline):
             self._sink.stop_retrying()  # writes in flight spool what they hold and return
             self._wait_for_jobs(deadline + SHUTDOWN_GRACE_SECS / 2)
@@ -175,6 +206,106 @@ class Scheduler:
             self._fatal.stop(exc)
         if time.monotonic() > deadline:
             self._sink.stop_retrying()
+
+
+async def _poll_once(patients: Sequence[PatientJob]) -> list[PollSummary]:
+    try:
+        return list(await asyncio.gather(*(job.poll() for job in patients)))
+    finally:
+        for job in patients:
+            job.poller.close()  # on the loop their connections belong to
+
+
+class _PatientLoop:
+    """Patients' polls on one event loop thread, each patient on its cadence."""
+
+    def __init__(
+        self,
+        jobs: Sequence[PatientJob],
+        tracked: Callable[[PatientJob], Coroutine[None, None, None]],
+    ) -> None:
+        self._jobs = list(jobs)
+        self._tracked = tracked
+        self._thread = threading.Thread(target=self._run, name="patients")
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._polling: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._idle = threading.Event()  # set once stopping and no poll is in flight
+
+    def start(self) -> None:
+        if self._jobs:
+            self._thread.start()
+            self._ready.wait()
+
+    def stop_new_polls(self) -> None:
+        """No poll starts from now on; polls in flight go on (from any thread)."""
+        try:
+            if self._loop is None:
+                raise RuntimeError("not started")
+            self._loop.call_soon_threadsafe(self._stop_new_polls)
+        except RuntimeError:  # never started, or every cadence has ended: nothing in flight
+            self._idle.set()
+
+    def wait_idle(self, deadline: float) -> bool:
+        """Whether the polls in flight ended before ``deadline`` (after ``stop_new_polls``)."""
+        return self._idle.wait(max(0.0, deadline - time.monotonic()))
+
+    def cancel_and_join(self) -> None:
+        """Cut the polls still in flight, close every connection, and end the loop."""
+        if self._loop is None:
+            return
+        # The loop ends by itself once no poll is in flight after stop_new_polls.
+        with contextlib.suppress(RuntimeError):  # "Event loop is closed": nothing to cut
+            self._loop.call_soon_threadsafe(self._cancel_all)
+        self._thread.join()
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [asyncio.create_task(self._cadence(job)) for job in self._jobs]
+        self._ready.set()
+        try:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            for job in self._jobs:
+                job.poller.close()
+
+    async def _cadence(self, job: PatientJob) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        slot = job.start_secs
+        while True:
+            delay = slot - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            self._polling.add(task)
+            try:
+                await self._tracked(job)
+            finally:
+                self._polling.discard(task)
+                if self._stopping and not self._polling:
+                    self._idle.set()
+            # The next slot after now: one missed while this poll ran is skipped (coalesced).
+            slot = job.cadence.slot(time.time()) + job.interval_secs
+
+    def _stop_new_polls(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            if task not in self._polling:
+                task.cancel()  # asleep until its next slot
+        if not self._polling:
+            self._idle.set()
+
+    def _cancel_all(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
 
 
 def pool_size(jobs: Sequence[Job]) -> int:

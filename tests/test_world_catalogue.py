@@ -149,7 +149,7 @@ def test_shard_setting_and_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     )
     config.write_text(f'[gbfs]\nshard = "2/3"\n{systems}')
     loaded = settings.load(config)
-    jobs, _report = build_jobs(loaded, StdoutSink(), Counters(), Fatal(), once=True)
+    jobs = build_jobs(loaded, StdoutSink(), Counters(), Fatal(), once=True).sources
     assert [j.name for j in jobs] == [f"s{i}" for i in range(40) if owner(f"s{i}", 3) == 2]
     config.write_text(f'[gbfs]\nshard = "4/3"\n{systems}')
     with pytest.raises(settings.ConfigError, match=r"gbfs\.shard"):
