@@ -406,11 +406,18 @@ def backfill(
     pool = ThreadPoolExecutor(writers, thread_name_prefix="backfill-write") if writers else None
     waiting: deque[tuple[Future[WriteReport], int]] = deque()
 
+    def send(lines: list[str]) -> WriteReport:
+        # A batch whose turn comes after a stop stays unsent, like one never made: a stop
+        # ends the writes in flight, it does not start the queued ones.
+        if stop():
+            return WriteReport()
+        return sink.write(STATION_FLOW.bucket, lines, STATION_FLOW.precision)
+
     def write(lines: list[str]) -> Future[WriteReport]:
         if pool is not None:
-            return pool.submit(sink.write, STATION_FLOW.bucket, lines, STATION_FLOW.precision)
+            return pool.submit(send, lines)
         written: Future[WriteReport] = Future()
-        written.set_result(sink.write(STATION_FLOW.bucket, lines, STATION_FLOW.precision))
+        written.set_result(send(lines))
         return written
 
     def collect() -> None:
@@ -428,8 +435,6 @@ def backfill(
         for lines, events in flows.lines(system, CHUNK, shift_secs=shift_secs, rename=rename):
             if stop():
                 outcome.stopped = True
-                # Batches not yet sent stay unsent; those in flight end (their retries cut).
-                waiting = deque(item for item in waiting if not item[0].cancel())
                 break
             waiting.append((write(lines), events))
             if len(waiting) >= 2 * writers:

@@ -225,9 +225,13 @@ def _v1_answers(request: Request) -> Reply:
     return Reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
 
+# Three trips: one batch. 20,000 trips: eight batches, two writes in flight, two queued.
+@pytest.mark.parametrize("trips", [3, 20_000])
 def test_sigterm_stops_a_replay_whose_writes_keep_failing(
-    tmp_path: Path, feeds: FeedServer
+    tmp_path: Path, feeds: FeedServer, trips: int
 ) -> None:
+    path = DATA / "trips" / "new-schema.csv" if trips == 3 else big_file(tmp_path, trips)
+    in_flight = 1 if trips == 3 else replay.WRITERS
     feeds.routes["/query"] = _v1_answers
     feeds.routes["/write"] = Reply(503, b'{"error": "overloaded"}')
     config = tmp_path / "slow.toml"
@@ -243,7 +247,7 @@ def test_sigterm_stops_a_replay_whose_writes_keep_failing(
             "collector.cli",
             "replay",
             "trips",
-            str(DATA / "trips" / "new-schema.csv"),
+            str(path),
             "--config",
             str(config),
         ],
@@ -252,7 +256,7 @@ def test_sigterm_stops_a_replay_whose_writes_keep_failing(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        wait_for(lambda: feeds.hits("/write") >= 1, what="the first write")
+        wait_for(lambda: feeds.hits("/write") >= in_flight, what="the first writes")
         proc.send_signal(signal.SIGTERM)
         # A bound for failure, not a pause: a replay that ignores SIGTERM waits 20 s and more.
         assert proc.wait(timeout=8) == 1
@@ -262,9 +266,12 @@ def test_sigterm_stops_a_replay_whose_writes_keep_failing(
             proc.wait()
     stderr = proc.stderr.read() if proc.stderr else ""
     assert "event=replay_stopped" in stderr and "Traceback" not in stderr
-    # The writer's wait ends at the signal; it sends the batch in hand once more at most
-    # (collector/sinks/influxdb.py checks the stop before each further wait).
-    assert feeds.hits("/write") <= 2
+    # Each writer's wait ends at the signal; it sends the batch in hand once more at most
+    # (collector/sinks/influxdb.py checks the stop before each further wait). Queued batches
+    # are never sent, and only the batches in flight are counted as failed.
+    assert feeds.hits("/write") <= 2 * in_flight
+    if trips > 3:
+        assert f"written=0 failed={in_flight * replay.CHUNK}" in stderr
 
 
 def test_live_replay_progress_moves_per_minute(caplog: pytest.LogCaptureFixture) -> None:
