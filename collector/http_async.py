@@ -243,14 +243,25 @@ class AsyncFetcher:
         loop = asyncio.get_running_loop()
         tls = _tls_context(*self._tls) if route.scheme == "https" else None
         if route.proxy is None:
-            reader, writer = await asyncio.open_connection(
-                route.host, route.port, ssl=tls, limit=_LINE_LIMIT
-            )
+            try:
+                reader, writer = await asyncio.open_connection(
+                    route.host, route.port, ssl=tls, limit=_LINE_LIMIT
+                )
+            except ssl.SSLError as exc:
+                raise Failure("connection", f"{self._where}: {_tls_reason(exc)}") from exc
             return _Connection(route, reader, writer, loop)
         proxy = urlsplit(route.proxy)
-        reader, writer = await asyncio.open_connection(
-            proxy.hostname, proxy.port or 80, limit=_LINE_LIMIT
-        )
+        try:
+            reader, writer = await asyncio.open_connection(
+                proxy.hostname, proxy.port or 80, limit=_LINE_LIMIT
+            )
+        except OSError as exc:
+            # Else "connection refused" would name the source, which may well be listening.
+            raise Failure(
+                "connection",
+                f"{self._where}: the proxy {redact_url(route.proxy)} (the environment's "
+                f"{route.scheme}_proxy) failed: {_reason(exc)}",
+            ) from exc
         if tls is None:
             return _Connection(route, reader, writer, loop)
         try:
@@ -412,6 +423,14 @@ def _tls_context(verify: bool, bundle: str) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
         return context
     return ssl.create_default_context(cafile=bundle)
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    reason = reason_of(exc)
+    if exc.reason == "WRONG_VERSION_NUMBER":
+        # What OpenSSL says when the other end answers in plain text.
+        return f"{reason} (the server does not speak TLS on that port: http:// rather?)"
+    return reason
 
 
 def _reason(exc: BaseException) -> str:

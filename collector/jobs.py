@@ -290,14 +290,15 @@ class PatientJob:
         Cancelled (shutdown), it is counted as cut, and the cancellation goes on."""
         started = time.time()
         try:
-            return await self._poll()
+            summary = await self._poll()
         except asyncio.CancelledError:
+            # Cut, not late: the slot's lateness was never decided.
             failure = Failure("cancelled", f"{self.name}: cut, the collector is stopping")
             self._counters.failed(self.name, "poll_failed", failure, once=True)
             raise
-        finally:
-            on_time = self.cadence.on_time(started, time.time())
-            self._counters.add(self.name, "schedule", "on_time" if on_time else "late")
+        on_time = self.cadence.on_time(started, time.time())
+        self._counters.add(self.name, "schedule", "on_time" if on_time else "late")
+        return summary
 
     def run(self) -> PollSummary:
         return asyncio.run(self._closing(self.poll()))
@@ -401,12 +402,14 @@ class TelemetryJob:
     def _log_patients(self, counts: dict[tuple[str, str, str], int]) -> None:
         """One INFO line per report for all patients: polled several times a second, they
         log no line of their own, and a quiet log must still show they are being read."""
-        totals = {"readings": 0, "failed": 0, "anomalies": 0}
+        totals = {"readings": 0, "late": 0, "failed": 0, "anomalies": 0}
         for (source, stage, result), n in counts.items():
             if source not in self._patients:
                 continue
             if (stage, result) == ("fetch", "ok"):
                 totals["readings"] += n
+            elif (stage, result) == ("schedule", "late"):
+                totals["late"] += n  # finished more than an interval after their slot
             elif stage == "anomaly":
                 totals["anomalies"] += n
             elif stage in ("fetch", "parse", "poll") and result != "cancelled":

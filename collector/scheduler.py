@@ -226,7 +226,8 @@ class _PatientLoop:
     ) -> None:
         self._jobs = list(jobs)
         self._tracked = tracked
-        self._thread = threading.Thread(target=self._run, name="patients")
+        # A daemon: a loop blocked past the shutdown grace must not keep the process alive.
+        self._thread = threading.Thread(target=self._run, name="patients", daemon=True)
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -259,10 +260,20 @@ class _PatientLoop:
         # The loop ends by itself once no poll is in flight after stop_new_polls.
         with contextlib.suppress(RuntimeError):  # "Event loop is closed": nothing to cut
             self._loop.call_soon_threadsafe(self._cancel_all)
-        self._thread.join()
+        self._thread.join(SHUTDOWN_GRACE_SECS)
+        if self._thread.is_alive():
+            event(
+                log,
+                logging.WARNING,
+                "patients_not_stopped",
+                detail=f"the event loop was still busy {SHUTDOWN_GRACE_SECS:g}s after the stop",
+            )
 
     def _run(self) -> None:
-        asyncio.run(self._main())
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._ready.set()  # start() never waits on a loop that failed to start
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from collector.logs import event
 from collector.retry import ErrorKind, Failure
 from collector.sinks.base import SinkMetrics, WriteReport
 
-__all__ = ["RESULTS", "STAGES", "Counters", "Stage"]
+__all__ = ["ONCE_SOURCES", "RESULTS", "STAGES", "Counters", "Stage"]
 
 # Rows are built in the contract's field order; fail at import if it ever changes.
 assert FEED.field_names == ("age_secs", "stations")
@@ -54,6 +54,8 @@ RESULTS: frozenset[str] = frozenset(
 )
 
 _Key = tuple[str, str, str]
+# Sources whose failures of one reason are each logged once (``Counters.failed``).
+ONCE_SOURCES = 10
 
 
 class Counters:
@@ -71,6 +73,7 @@ class Counters:
         self._counts: Counter[_Key] = Counter()
         self._reported: set[_Key] = set()
         self._logged_once: set[tuple[str, str]] = set()
+        self._logged_per_reason: Counter[str] = Counter()  # sources logged once, per reason
         self._feeds: dict[str, tuple[float, int]] = {}  # system -> (feed time, stations)
 
     def add(self, source: str, stage: Stage, result: str, n: int = 1) -> None:
@@ -84,22 +87,41 @@ class Counters:
         """Count a failure under its stage and kind, and log it (``once``: the first time per
         source and reason only, for sources polled several times a second)."""
         self.add(source, failure.stage, failure.kind)
+        note = "logged once per source and reason" if once else None
+        # Cut by our own shutdown: worth a count, not a warning.
+        level = logging.DEBUG if failure.kind == "cancelled" else logging.WARNING
         if once:
             with self._lock:
                 if (source, failure.reason) in self._logged_once:
                     return
+                # 2,000 patients behind one dead server would log 2,000 lines: past the first
+                # ONCE_SOURCES sources of a reason, one more line says the rest are counted.
+                logged = self._logged_per_reason[failure.reason]
+                self._logged_per_reason[failure.reason] = logged + 1
+                if logged > ONCE_SOURCES:
+                    return
                 self._logged_once.add((source, failure.reason))
+            if logged == ONCE_SOURCES:
+                event(
+                    log,
+                    level,
+                    what,
+                    error=failure.kind,
+                    reason=failure.reason if failure.reason != failure.kind else None,
+                    detail=f"more sources fail this way: counted, not logged (the first "
+                    f"{ONCE_SOURCES} were); see the periodic summary and the events measurement",
+                )
+                return
         event(
             log,
-            # Cut by our own shutdown: worth a count, not a warning.
-            logging.DEBUG if failure.kind == "cancelled" else logging.WARNING,
+            level,
             what,
             source=source,
             stage=failure.stage,
             error=failure.kind,
             reason=failure.reason if failure.reason != failure.kind else None,
             detail=str(failure),
-            note="logged once per source and reason" if once else None,
+            note=note,
         )
 
     def wrote(self, source: str, report: WriteReport) -> None:

@@ -282,6 +282,23 @@ def test_retention_removes_the_hours_past_it_counted_and_logged(
     assert list_files(tmp_path)[0].path.name == "2026-12-01T15Z.raw.gz"
 
 
+def test_many_sources_rolling_over_together_prune_once_per_hour(tmp_path: Path) -> None:
+    # A prune reads every file's name: once per source at each new hour, 300 patients with
+    # two weeks of files held the event loop for minutes (a new user's walk, #13).
+    archive = Archive(tmp_path, retention_days=0.25, max_bytes=10**9, clock=lambda: T0 + HOUR)
+    prunes: list[float] = []
+    prune = archive._prune
+    archive._prune = lambda now: (prunes.append(now), prune(now))[1]  # type: ignore[method-assign]
+    for hour in (0, 1):
+        for patient in range(50):
+            archive.record(
+                "pressure", f"patient-{patient}", "reading", "http://x/1", T0 + hour * HOUR, b"{}"
+            )
+    assert len(prunes) == 2  # hour 0's first file, hour 1's first file
+    assert len(list_files(tmp_path)) == 100
+    archive.close()
+
+
 def test_the_size_bound_removes_the_oldest_files_first_never_the_open_one(
     tmp_path: Path,
 ) -> None:

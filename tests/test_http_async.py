@@ -1006,3 +1006,36 @@ async def test_https_through_a_proxy_tunnel(
     assert proxy.requests[0].line == f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1"
     assert [r.line for r in origin.requests] == ["GET /secure?key=k HTTP/1.1"] * 2
     assert (proxy.accepts, origin.accepts) == (1, 1)
+
+
+@on_loop
+async def test_a_dead_proxy_is_named_not_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The source listens; only the proxy refuses. "Nothing listens" on the source's URL alone
+    # sent a new user looking at the wrong server.
+    async with Server(always(http(200, b"direct"))) as origin:
+        monkeypatch.setenv("http_proxy", f"http://ops:pw-secret@127.0.0.1:{free_port()}")
+        with fetching(origin.url("/x")) as fetcher:
+            failure = await failure_of(fetcher)
+    assert failure.kind == "connection" and failure.transient
+    assert "the proxy http://127.0.0.1:" in str(failure)
+    assert "http_proxy" in str(failure) and "connection refused" in str(failure)
+    assert "pw-secret" not in str(failure)
+    assert origin.accepts == 0
+
+
+@on_loop
+async def test_https_to_a_plain_http_port_says_so() -> None:
+    async def plain_http(
+        server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # As http.server answers a TLS hello: in plain text, then it hangs up.
+        await reader.read(1024)
+        writer.write(b"HTTP/1.0 400 Bad request version\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with Server(plain_http) as server:
+        with fetching(server.url("/x").replace("http://", "https://")) as fetcher:
+            failure = await failure_of(fetcher)
+    assert failure.kind == "connection"
+    assert "does not speak TLS on that port" in str(failure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -76,8 +77,9 @@ def test_patients_slots_are_spread_evenly_over_the_interval(tmp_path: Path) -> N
 
 
 def test_a_poll_longer_than_its_interval_is_never_doubled_and_skips_missed_slots(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="collector.jobs")
     # Patient 2's first answer takes 1.1 s, polled every 0.2 s: no second poll while it is
     # in flight, and the five slots missed meanwhile are skipped, not made up in a burst.
     watched = _Watched(PressureSimulator(2), slow_first={"/2": 1.1})
@@ -100,6 +102,12 @@ def test_a_poll_longer_than_its_interval_is_never_doubled_and_skips_missed_slots
     # three polls span two slots (0.4 s), less what a loaded machine delays one arrival by.
     spans = [arrivals[i + 2] - arrivals[i] for i in range(1, len(arrivals) - 2)]
     assert spans and min(spans) > 0.15, spans
+    # The late poll shows in the INFO line that sums up the patients (written at the stop).
+    late = [r.late for r in caplog.records if r.getMessage() == "patients"]  # type: ignore[attr-defined]  # fields set by logs.event
+    assert sum(late) == collector.counters.get("patient-2", "schedule", "late") + (
+        collector.counters.get("patient-1", "schedule", "late")
+    )
+    assert sum(late) >= 1
     assert collector.counters.get("patient-2", "schedule", "late") >= 1
 
 

@@ -10,7 +10,7 @@ import pytest
 from collector.contract import EVENTS, QUALITY_KINDS
 from collector.retry import Failure
 from collector.sinks.base import SinkMetrics, WriteReport
-from collector.telemetry import RESULTS, STAGES, Counters
+from collector.telemetry import ONCE_SOURCES, RESULTS, STAGES, Counters
 from tests.support import ROOT
 
 
@@ -59,6 +59,26 @@ def test_a_failure_is_counted_every_time_and_logged_once_when_asked(
         ("patient-1", logging.WARNING, "sensor_count"),
         ("oslo", logging.DEBUG, None),  # our own shutdown: counted, not warned about
     ]
+
+
+def test_many_sources_failing_alike_log_ten_lines_and_one_more(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 2,000 patients behind one dead server logged 2,000 warnings in 30 s (a new user's walk).
+    counters = Counters()
+    refused = Failure("connection", "connection refused: nothing listens on that host and port")
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(3):
+            for patient in range(2000):
+                counters.failed(f"patient-{patient}", "poll_failed", refused, once=True)
+        counters.failed("patient-1", "poll_failed", Failure("timeout", "timed out"), once=True)
+    assert counters.get("patient-1999", "fetch", "connection") == 3  # every one counted
+    logged = [(getattr(r, "source", None), r.getMessage()) for r in caplog.records]
+    assert logged[:ONCE_SOURCES] == [(f"patient-{i}", "poll_failed") for i in range(ONCE_SOURCES)]
+    assert logged[ONCE_SOURCES][0] is None
+    assert "counted, not logged" in caplog.records[ONCE_SOURCES].detail  # type: ignore[attr-defined]  # fields set by logs.event
+    # Another reason starts its own count.
+    assert logged[ONCE_SOURCES + 1 :] == [("patient-1", "poll_failed")]
 
 
 def test_a_write_report_and_a_drain_are_counted() -> None:
