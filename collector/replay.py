@@ -37,6 +37,21 @@ CHUNK = 5000
 # Writes in flight in a backfill into a database: InfluxDB 1.x took 1.31x the points/s from two
 # requests as from one (#13).
 WRITERS = 2
+# A replay gives up once this many batches in a row failed for a transient reason (connection
+# refused, timeout, 5xx) after every retry: the database is down, not refusing a batch. Each
+# such batch was already retried max_retries times with backoff (~25 s by default), and with
+# two writes in flight the first two failures can be one outage seen at once; the third
+# batch was sent after the first gave up, so three in a row is a database gone for about a
+# minute (a restart takes seconds). One failed batch between good ones does not stop a replay.
+GIVE_UP_AFTER = 3
+# What a re-run of a replay that ended early does (writes are idempotent: a point written again
+# with the same series and time overwrites the first).
+RERUN = {
+    "backfill": "re-running the same files is safe: the same points are overwritten",
+    "shifted": "a re-run with --shift-to-now moves every point to a new now, so the rows "
+    "written here would stay beside the new ones",
+    "live": "a re-run replays from the first minute, stamped with new times",
+}
 
 
 # A live replay stamps each minute with the moment it is written, a later millisecond than
@@ -48,9 +63,43 @@ LIVE_PRECISION: Precision = "ms"
 class TripReplayResult:
     trips: int = 0
     rows_written: int = 0
-    rows_failed: int = 0
+    # Sent, and no answer that they were stored (transient failures after every retry): the
+    # server may have applied a write it answered 500 to, or whose answer never came.
+    rows_unconfirmed: int = 0
+    rows_refused: int = 0  # refused by the server (4xx): not stored
+    rows_unsent: int = 0  # never sent: the replay was stopped or gave up first
     minutes: int = 0
     stopped: bool = False  # by a signal, before the end
+    gave_up: bool = False  # the database unreachable: GIVE_UP_AFTER batches failed in a row
+    cause: Failure | None = None  # the last of them's failure
+
+    @property
+    def rows_failed(self) -> int:
+        """Sent and not known to be stored."""
+        return self.rows_unconfirmed + self.rows_refused
+
+
+class Outage:
+    """Batches in a row that failed for a transient reason after every retry; ``reached``
+    once there were ``limit`` of them (then the replay gives up)."""
+
+    def __init__(self, limit: int = GIVE_UP_AFTER) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.failure: Failure | None = None
+        self.reached = threading.Event()  # read by the write threads
+
+    def note(self, report: WriteReport) -> bool:
+        """Count one batch's report; True once the limit is reached."""
+        answered = report.written or report.spooled or report.rejected
+        if report.failed and not answered:
+            self.in_a_row += 1
+            self.failure = next((e for e in report.errors if e.transient), self.failure)
+        elif answered:
+            self.in_a_row = 0  # an empty report (a batch not sent after a stop) proves nothing
+        if self.in_a_row >= self.limit:
+            self.reached.set()
+        return self.reached.is_set()
 
 
 class ProgressLine:
@@ -394,7 +443,9 @@ def backfill(
 ) -> TripReplayResult:
     """Every (station, minute) at its minute (+ ``shift_secs``), in batches of CHUNK rows;
     stops between batches when ``stop()`` says so (a signal also makes the writer give up
-    its retries, so the batches in flight end at once).
+    its retries, so the batches in flight end at once), and gives up (``gave_up``) after
+    GIVE_UP_AFTER batches in a row failed for a transient reason: the writes in flight end
+    without more retries, and no other batch is sent. ``rows_unsent`` counts what was not.
 
     With ``writers`` threads, batches are written while the next ones are merged and encoded
     (the database's time is no longer the replay's): at most 2 x ``writers`` batches wait or
@@ -405,11 +456,14 @@ def backfill(
     total, counted = flows.events, 0  # the rows are not known before the merge: events are
     pool = ThreadPoolExecutor(writers, thread_name_prefix="backfill-write") if writers else None
     waiting: deque[tuple[Future[WriteReport], int]] = deque()
+    outage = Outage()
+    skipped: list[int] = []  # rows of batches made but not sent (appended from write threads)
 
     def send(lines: list[str]) -> WriteReport:
         # A batch whose turn comes after a stop stays unsent, like one never made: a stop
-        # ends the writes in flight, it does not start the queued ones.
-        if stop():
+        # ends the writes in flight, it does not start the queued ones. Same after giving up.
+        if stop() or outage.reached.is_set():
+            skipped.append(len(lines))
             return WriteReport()
         return sink.write(STATION_FLOW.bucket, lines, STATION_FLOW.precision)
 
@@ -423,7 +477,13 @@ def backfill(
     def collect() -> None:
         nonlocal counted
         future, events = waiting.popleft()
-        _count(outcome, future.result())  # a write's exception (refused credentials) is raised
+        report = future.result()  # a write's exception (refused credentials) is raised
+        _count(outcome, report)
+        # After a stop, the writes in flight fail because they were cut short, not because the
+        # database is gone.
+        if not stop() and outage.note(report) and not outcome.gave_up:
+            outcome.gave_up, outcome.cause = True, outage.failure
+            sink.stop_retrying()  # the writes in flight end now, unconfirmed
         counted += events
         if bar is not None:
             done = outcome.rows_written + outcome.rows_failed
@@ -431,6 +491,7 @@ def backfill(
 
     if bar is not None:
         bar.update("writing", 0)
+    every_batch_made = False
     try:
         for lines, events in flows.lines(system, CHUNK, shift_secs=shift_secs, rename=rename):
             if stop():
@@ -439,11 +500,19 @@ def backfill(
             waiting.append((write(lines), events))
             if len(waiting) >= 2 * writers:
                 collect()
+            if outcome.gave_up:
+                break
+        else:
+            every_batch_made = True
         while waiting:
             collect()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if every_batch_made:
+        outcome.rows_unsent = sum(skipped)
+    else:
+        outcome.rows_unsent = _unsent(flows, outcome)
     if bar is not None:
         bar.update("writing", outcome.rows_written + outcome.rows_failed, final=True)
     return outcome
@@ -451,7 +520,13 @@ def backfill(
 
 def _count(outcome: TripReplayResult, report: WriteReport) -> None:
     outcome.rows_written += report.written + report.spooled
-    outcome.rows_failed += report.failed + report.rejected
+    outcome.rows_unconfirmed += report.failed
+    outcome.rows_refused += report.rejected
+
+
+def _unsent(flows: Flows, outcome: TripReplayResult) -> int:
+    """The rows of a replay that ended early that were never sent (a merge of their own)."""
+    return flows.count_rows() - outcome.rows_written - outcome.rows_failed
 
 
 def live(
@@ -468,9 +543,11 @@ def live(
 ) -> TripReplayResult:
     """Emit minute after minute, ``speed`` times faster than they happened. Each minute gets
     a later millisecond than the one before, however high the speed: two minutes on one
-    timestamp would overwrite each other."""
+    timestamp would overwrite each other. Gives up as a backfill does (``gave_up``) after
+    GIVE_UP_AFTER minutes in a row failed for a transient reason."""
     encoder = Encoder(STATION_FLOW)
     outcome = TripReplayResult(trips=flows.trips)
+    outage = Outage()
     span = flows.span()
     if bar is not None:
         bar.update("replaying", 0, unit="minutes")
@@ -490,8 +567,12 @@ def live(
         stamp_ms = last_ms = max(round(due * 1000), last_ms + 1)
         rows = [(tags, values, stamp_ms) for _m, (tags, values, _t) in group]
         lines, _empty = encoder.lines(rows)
-        _count(outcome, sink.write(STATION_FLOW.bucket, lines, LIVE_PRECISION))
+        report = sink.write(STATION_FLOW.bucket, lines, LIVE_PRECISION)
+        _count(outcome, report)
         outcome.minutes += 1
+        if not stop() and outage.note(report):  # a write cut short by a stop is no outage
+            outcome.gave_up, outcome.cause = True, outage.failure
+            break
         if bar is not None and span is not None:
             length = span[1] - span[0]
             bar.update(
@@ -500,6 +581,8 @@ def live(
                 unit="minutes",
                 fraction=(minute - span[0]) / length if length else 1.0,
             )
+    if outcome.stopped or outcome.gave_up:
+        outcome.rows_unsent = _unsent(flows, outcome)
     if bar is not None:
         bar.update("replaying", outcome.minutes, unit="minutes", final=True)
     return outcome
@@ -569,13 +652,49 @@ def replay_trips(
             writers=writers,
         )
     outcome.stopped = outcome.stopped or stop.is_set()
-    event(
-        log,
-        logging.WARNING if outcome.stopped else logging.INFO,
-        "replay_stopped" if outcome.stopped else "replay_done",
-        trips=outcome.trips,
-        written=outcome.rows_written,
-        failed=outcome.rows_failed,
-        minutes=outcome.minutes or None,
+    log_outcome(
+        outcome, RERUN["live" if speed is not None else "shifted" if shift_secs else "backfill"]
     )
     return outcome
+
+
+def log_outcome(outcome: TripReplayResult, rerun: str) -> None:
+    """The replay's last line: replay_done, replay_stopped (a signal) or replay_gave_up (the
+    database unreachable), with what was written, not confirmed, refused and not sent, and
+    (``rerun``) what running it again does."""
+    counts: dict[str, object] = {
+        "trips": outcome.trips,
+        "written": outcome.rows_written,
+        "not_confirmed": outcome.rows_unconfirmed,
+        "refused": outcome.rows_refused or None,
+        "minutes": outcome.minutes or None,
+    }
+    written = f"{outcome.rows_written:,} rows written"
+    if outcome.rows_unconfirmed:
+        written += f", {outcome.rows_unconfirmed:,} not confirmed (the server may have stored some)"
+    if outcome.rows_refused:
+        written += f", {outcome.rows_refused:,} refused"
+    unsent = f", {outcome.rows_unsent:,} not sent; {rerun}"
+    if outcome.gave_up:
+        cause = outcome.cause
+        event(
+            log,
+            logging.ERROR,
+            "replay_gave_up",
+            **counts,
+            unsent=outcome.rows_unsent,
+            error=cause.kind if cause else None,
+            detail=f"the database is unreachable: {GIVE_UP_AFTER} batches in a row failed "
+            f"after every retry{f' (last: {cause})' if cause else ''}; {written}{unsent}",
+        )
+    elif outcome.stopped:
+        event(
+            log,
+            logging.WARNING,
+            "replay_stopped",
+            **counts,
+            unsent=outcome.rows_unsent,
+            detail=f"{written}{unsent}",
+        )
+    else:
+        event(log, logging.INFO, "replay_done", **counts)

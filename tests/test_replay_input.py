@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -265,42 +266,86 @@ def test_sigterm_stops_a_replay_whose_writes_keep_failing(
             proc.kill()
             proc.wait()
     stderr = proc.stderr.read() if proc.stderr else ""
-    assert "event=replay_stopped" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if "event=replay_stopped" in line]
     # Each writer's wait ends at the signal; it sends the batch in hand once more at most
     # (collector/sinks/influxdb.py checks the stop before each further wait). Queued batches
-    # are never sent, and only the batches in flight are counted as failed.
+    # are never sent, and only the batches in flight are counted, as not confirmed.
     assert feeds.hits("/write") <= 2 * in_flight
-    if trips > 3:
-        assert f"written=0 failed={in_flight * replay.CHUNK}" in stderr
+    rows = _rows(path)
+    unconfirmed = min(rows, in_flight * replay.CHUNK)
+    assert f"written=0 not_confirmed={unconfirmed} unsent={rows - unconfirmed} " in line
+    assert "re-running the same files is safe" in line
 
 
-def test_live_replay_progress_moves_per_minute(caplog: pytest.LogCaptureFixture) -> None:
-    flows = _flows(DATA / "trips" / "old-schema.csv")  # minutes 05:01, 05:03, 05:09, 05:10
-    now = [1_800_000_000.0]
+def _rows(path: Path) -> int:
+    """The rows a backfill of ``path`` writes, counted from the lines it makes."""
+    flows = _flows(path)
+    rows = sum(len(lines) for lines, _events in flows.lines("x", replay.CHUNK))
+    flows.close()
+    return rows
 
-    def sleep(secs: float) -> None:
-        now[0] += secs
 
-    bar = replay.ProgressLine(io.StringIO(), clock=Ticking(), every_secs=1.0)
-    caplog.set_level(logging.INFO, logger="collector.replay")
-    replay.live(
-        flows,
-        MemorySink(),
-        "citibike",
-        60.0,
-        lambda s: s,
-        clock=lambda: now[0],
-        sleep=sleep,
-        bar=bar,
+def _fields(line: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in line.split(" detail=", 1)[0].split()[1:])
+
+
+def _go_down_after_first_write(feeds: FeedServer, how: str) -> None:
+    """The database stores the first write, then goes away: it stops listening (``refused``:
+    what is already accepted is answered 500, as influxd does while it shuts down) or answers
+    every later write 503 (``503``: a proxy in front of it)."""
+    writes: list[Request] = []
+    lock = threading.Lock()  # two writes arrive at once
+
+    def write(request: Request) -> Reply:
+        with lock:
+            writes.append(request)
+            first = len(writes) == 1
+        close = {"Connection": "close"}  # every write on a new connection
+        if first:
+            if how == "refused":
+                # From this handler's thread: the accept loop runs on another one.
+                feeds.stop()
+            return Reply(204, headers=close)
+        status = 500 if how == "refused" else 503
+        return Reply(status, b'{"error": "shutting down"}', close)
+
+    feeds.routes["/query"] = _v1_answers
+    feeds.routes["/write"] = write
+
+
+@pytest.mark.parametrize("how", ["refused", "503"])
+def test_a_replay_gives_up_when_the_database_goes_down_mid_replay(
+    tmp_path: Path, feeds: FeedServer, how: str
+) -> None:
+    path = big_file(tmp_path, 40_000)  # 80,000 rows: 16 batches
+    _go_down_after_first_write(feeds, how)
+    config = tmp_path / "down.toml"
+    config.write_text(
+        f'[influxdb]\nurl = "{feeds.url}"\napi = "v1"\nmax_retries = 1\n'
+        "retry_base_secs = 0.01\nretry_max_secs = 0.01\n"
     )
-    events = [r for r in caplog.records if r.getMessage() == "replay_progress"]
-    assert [(r.stage, r.unit, r.done) for r in events] == [
-        ("replaying", "minutes", 1),
-        ("replaying", "minutes", 2),
-        ("replaying", "minutes", 3),
-        ("replaying", "minutes", 4),
-        ("replaying", "minutes", 4),
-    ]
-    # The ETA follows the replayed minutes: none at the first (0 of 9 minutes in), then known.
-    assert events[-1].final and events[0].eta_secs is None
-    assert all(r.eta_secs is not None for r in events[1:-1])
+    result = run_cli("replay", "trips", str(path), config=config)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "event=replay_gave_up" in line]
+    assert "level=error" in line
+    fields = _fields(line)
+    assert fields["error"] == ("connection" if how == "refused" else "http_5xx")
+    written, unconfirmed, unsent = (
+        int(fields[key]) for key in ("written", "not_confirmed", "unsent")
+    )
+    assert written == replay.CHUNK  # the first write, stored
+    assert written + unconfirmed + unsent == 80_000 == _rows(path)
+    assert "the database is unreachable: 3 batches in a row failed after every retry" in line
+    assert f"{written:,} rows written, {unconfirmed:,} not confirmed" in line
+    assert f"{unsent:,} not sent; re-running the same files is safe" in line
+    # It gave up after three failed batches, with the batches made by then: not after all 16.
+    # The writer logs each batch it gives up on; the server sees those it could reach (the
+    # same gzipped bytes at every attempt).
+    failed = result.stderr.count("event=write_failed")
+    most = 1 + replay.GIVE_UP_AFTER + 2 * replay.WRITERS - 1  # one more, 3 failed, 3 ahead
+    assert replay.GIVE_UP_AFTER <= failed <= most < 16
+    assert unconfirmed == failed * replay.CHUNK
+    sent = {r.body for r in feeds.requests if r.path == "/write"}
+    if how == "503":
+        assert len(sent) == 1 + failed

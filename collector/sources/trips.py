@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import chain
+from itertools import chain, groupby, repeat
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeAlias
 from zoneinfo import ZoneInfo
@@ -97,25 +97,46 @@ SCHEMAS = (
 )
 
 
+def _required(schema: Schema) -> list[str]:
+    return [
+        schema.started,
+        schema.ended,
+        schema.start_id,
+        schema.start_name,
+        schema.start_lat,
+        schema.start_lon,
+        schema.end_id,
+        schema.end_name,
+        schema.end_lat,
+        schema.end_lon,
+    ]
+
+
+HEADER_SHOWN = 16  # header names quoted in an unknown-header message (Citi Bike has 13-15)
+
+
 def detect_schema(header: list[str]) -> tuple[Schema, list[int]]:
-    """The schema and the column indexes of its fields, from a header row."""
+    """The schema and the column indexes of its fields, from a header row.
+
+    TripFileError otherwise, naming the required columns missing from the schema the header
+    is closest to (a renamed column is then named, wherever it is in the header)."""
     names = [h.strip().strip('"').lower() for h in header]
+    missing: dict[Schema, list[str]] = {}
     for schema in SCHEMAS:
-        wanted = [
-            schema.started,
-            schema.ended,
-            schema.start_id,
-            schema.start_name,
-            schema.start_lat,
-            schema.start_lon,
-            schema.end_id,
-            schema.end_name,
-            schema.end_lat,
-            schema.end_lon,
-        ]
-        if all(w in names for w in wanted):
+        wanted = _required(schema)
+        missing[schema] = [w for w in wanted if w not in names]
+        if not missing[schema]:
             return schema, [names.index(w) for w in wanted]
-    raise TripFileError(f"unknown trip file header: {header[:6]}...")
+    closest = min(SCHEMAS, key=lambda schema: len(missing[schema]))
+    shown = ", ".join(h.strip() for h in header[:HEADER_SHOWN])
+    if len(shown) > 400 or len(header) > HEADER_SHOWN:  # abbreviated, whatever the first line
+        shown = shown[:400] + " ..."
+    if len(missing[closest]) < len(_required(closest)):
+        what = f"missing {', '.join(missing[closest])} (required by the {closest.name} schema)"
+    else:
+        schemas = "; ".join(f"{s.name}: {', '.join(_required(s))}" for s in SCHEMAS)
+        what = f"none of the required columns ({schemas})"
+    raise TripFileError(f"unknown trip file header: {what}; the header is: {shown}")
 
 
 class _Counting(io.RawIOBase):
@@ -529,6 +550,13 @@ class Flows:
         return bounds[0] >> _MINUTE_SHIFT, bounds[1] >> _MINUTE_SHIFT
 
     # -- output
+    def count_rows(self) -> int:
+        """The (station, minute) rows the events make, as ``lines`` and ``rows`` would yield
+        them, counted by a merge of their own (~0.5 s for 1.5 million trips), no line made:
+        what a stopped replay left unsent is this less what it sent."""
+        keys = map(operator.rshift, chain.from_iterable(self._events.merged()), repeat(1))
+        return sum(1 for _key in groupby(keys))
+
     def _counted(self, size: int) -> Iterator[tuple[list[tuple[int, int, int]], int]]:
         """(station-minute key, docks, undocks) for every (station, minute) with an event, in
         time order (then by station), in lists of at most ``size``, each with the number of
