@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,9 @@ from collector.jobs import PatientJob
 from collector.scheduler import Scheduler
 from collector.settings import PressureSettings, Settings
 from collector.sinks.base import SinkMetrics, WriteReport
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support import free_port, process_cpu_secs
 
 
 class NullSink:
@@ -50,18 +52,6 @@ class NullSink:
 
     def close(self) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def process_cpu_secs(pid: int) -> float:
-    """User + system CPU of another process (Linux ``/proc``), all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support import InfluxD
+from tests.support import InfluxD, process_cpu_secs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,11 +124,9 @@ def _cpu_secs(server: InfluxD) -> float:
     """The server's CPU time so far (Linux's /proc), -inf when it cannot be read."""
     try:
         assert server.proc is not None
-        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return process_cpu_secs(server.proc.pid)
     except (OSError, AssertionError):
         return float("-inf")
-    # utime and stime, fields 14 and 15 of stat(5), counted from the state (field 3).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(label: str, trips: int, run: Run, extra: str = "") -> None:

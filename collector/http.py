@@ -10,7 +10,7 @@ import ssl
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +25,36 @@ from collector import __version__
 from collector.retry import Failure, kind_of_status, parse_retry_after
 
 USER_AGENT = f"livestack-collector/{__version__}"
+# What every GET sends unless the source's settings name the header.
+DEFAULT_HEADERS: Mapping[str, str] = {
+    "User-Agent": USER_AGENT,
+    "Accept-Encoding": "gzip, deflate",
+    "Accept": "application/json",
+    "Connection": "keep-alive",
+}
 _CHUNK = 64 * 1024
+
+# What proxy_bypass is on Linux, but given the environment read once rather than the one of
+# the moment.
+_bypass: Callable[[str, Mapping[str, str]], bool] = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+
+
+def ca_bundle() -> str:
+    """The CA bundle requests would use: ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``, else
+    certifi's."""
+    return (
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    )
+
+
+def proxy_for(proxies: Mapping[str, str], scheme: str, host: str) -> str | None:
+    """The proxy URL for ``scheme://host`` from ``proxies`` (``urllib.request.getproxies()``,
+    read once), or None when there is none or ``NO_PROXY`` names the host. A bare
+    ``host:port`` gets ``http://``, as curl and requests take it."""
+    proxy = proxies.get(scheme)
+    if not proxy or _bypass(host, proxies):
+        return None
+    return proxy if "//" in proxy else f"http://{proxy}"
 
 
 @dataclass(frozen=True)
@@ -147,22 +176,12 @@ class Fetcher:
         verify_tls: bool = True,
     ) -> None:
         self._connections = _Connections()
-        self._headers = {
-            "User-Agent": USER_AGENT,
-            "Accept-Encoding": "gzip, deflate",
-            "Accept": "application/json",
-            "Connection": "keep-alive",
-            **(headers or {}),
-        }
+        self._headers = {**DEFAULT_HEADERS, **(headers or {})}
         self._timeout_secs = timeout_secs
         self._timeout = Timeout(connect=timeout_secs, read=timeout_secs)
         self._max_body_bytes = max_body_bytes
         if verify_tls:
-            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            self._tls: dict[str, Any] = {
-                "cert_reqs": "CERT_REQUIRED",
-                "ca_certs": bundle or certifi.where(),
-            }
+            self._tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_bundle()}
         else:
             self._tls = {"cert_reqs": "CERT_NONE"}
         self._proxies = urllib.request.getproxies()
@@ -173,11 +192,8 @@ class Fetcher:
         parts = urlsplit(url)
         key = (parts.scheme, parts.hostname or "")
         if key not in self._route:
-            proxy = self._proxies.get(parts.scheme)
             # NO_PROXY, looked up once per host (requests did it on every request).
-            if proxy and urllib.request.proxy_bypass(key[1]):
-                proxy = None
-            self._route[key] = proxy
+            self._route[key] = proxy_for(self._proxies, *key)
         proxy = self._route[key]
         if proxy not in self._managers:
             self._managers[proxy] = _pool_manager(

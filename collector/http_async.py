@@ -18,20 +18,24 @@ import base64
 import contextlib
 import errno
 import functools
-import os
 import re
 import socket
 import ssl
 import time
 import urllib.request
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
-import certifi
-
-from collector.http import USER_AGENT, describe_body, reason_of, redact_url
+from collector.http import (
+    DEFAULT_HEADERS,
+    ca_bundle,
+    describe_body,
+    proxy_for,
+    reason_of,
+    redact_url,
+)
 from collector.retry import Failure, kind_of_status, parse_retry_after
 
 __all__ = ["AsyncFetcher"]
@@ -46,10 +50,6 @@ _SNIPPET = 2000
 # No body whatever the headers say (RFC 9112 section 6.3); 1xx are skipped before.
 _NO_BODY = frozenset({204, 304})
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-# What proxy_bypass is on Linux, but given the environment read at construction rather than
-# the one of the moment.
-_bypass: Callable[[str, Mapping[str, str]], bool] = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
 
 
 class _Closed(ConnectionError):
@@ -111,19 +111,12 @@ class AsyncFetcher:
     ) -> None:
         self._url = url
         self._where = redact_url(url)
-        defaults = {
-            "User-Agent": USER_AGENT,
-            "Accept-Encoding": "gzip, deflate",
-            "Accept": "application/json",
-            "Connection": "keep-alive",
-        }
-        self._headers = _overridden(defaults, headers or {})
+        self._headers = _overridden(DEFAULT_HEADERS, headers or {})
         self._timeout_secs = timeout_secs
         self._max_body_bytes = max_body_bytes
         # The bundle named now, loaded at the first https connection: 19 ms a load, once per
         # bundle rather than once per patient (300 patients would start 6 s late).
-        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-        self._tls = (verify_tls, bundle or certifi.where())
+        self._tls = (verify_tls, ca_bundle())
         # The environment read once, as Fetcher does.
         self._proxies = urllib.request.getproxies()
         self._routes: dict[tuple[str, str, int], _Route] = {}
@@ -207,11 +200,7 @@ class AsyncFetcher:
         key = (parts.scheme, parts.hostname, port)
         route = self._routes.get(key)
         if route is None:
-            proxy = self._proxies.get(parts.scheme)
-            if proxy and "//" not in proxy:
-                proxy = f"http://{proxy}"  # "host:port", as curl and requests take it
-            if proxy and _bypass(parts.hostname, self._proxies):
-                proxy = None
+            proxy = proxy_for(self._proxies, parts.scheme, parts.hostname)
             if proxy and urlsplit(proxy).scheme != "http":
                 raise Failure(
                     "connection",

@@ -674,27 +674,22 @@ def log_outcome(outcome: TripReplayResult, rerun: str) -> None:
         written += f", {outcome.rows_unconfirmed:,} not confirmed (the server may have stored some)"
     if outcome.rows_refused:
         written += f", {outcome.rows_refused:,} refused"
-    unsent = f", {outcome.rows_unsent:,} not sent; {rerun}"
-    if outcome.gave_up:
-        cause = outcome.cause
-        event(
-            log,
-            logging.ERROR,
-            "replay_gave_up",
-            **counts,
-            unsent=outcome.rows_unsent,
-            error=cause.kind if cause else None,
-            detail=f"the database is unreachable: {GIVE_UP_AFTER} batches in a row failed "
-            f"after every retry{f' (last: {cause})' if cause else ''}; {written}{unsent}",
-        )
-    elif outcome.stopped:
-        event(
-            log,
-            logging.WARNING,
-            "replay_stopped",
-            **counts,
-            unsent=outcome.rows_unsent,
-            detail=f"{written}{unsent}",
-        )
-    else:
+    if not (outcome.gave_up or outcome.stopped):
         event(log, logging.INFO, "replay_done", **counts)
+        return
+    detail = f"{written}, {outcome.rows_unsent:,} not sent; {rerun}"
+    cause = outcome.cause if outcome.gave_up else None
+    if outcome.gave_up:
+        detail = (
+            f"the database is unreachable: {GIVE_UP_AFTER} batches in a row failed after every "
+            f"retry{f' (last: {cause})' if cause else ''}; {detail}"
+        )
+    event(
+        log,
+        logging.ERROR if outcome.gave_up else logging.WARNING,
+        "replay_gave_up" if outcome.gave_up else "replay_stopped",
+        **counts,
+        unsent=outcome.rows_unsent,
+        error=cause.kind if cause else None,
+        detail=detail,
+    )
