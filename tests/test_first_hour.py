@@ -12,8 +12,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -230,6 +231,29 @@ def test_connection_failures_say_why() -> None:
     assert "connection refused" in str(refused.value)
     assert "does not resolve" in str(unknown.value)
     assert str(refused.value) != str(unknown.value)
+
+
+def test_fetcher_takes_the_environment_once_and_host_port_proxies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same proxy rules as the patients' AsyncFetcher (http.proxy_for): a bare host:port
+    # proxy is used, and NO_PROXY is the one of construction, not of the request.
+    seen: list[str] = []
+
+    def proxy(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        seen.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    with Background(proxy) as url:
+        for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("http_proxy", url.removeprefix("http://"))
+        fetcher = Fetcher(timeout_secs=5)
+        monkeypatch.setenv("no_proxy", "*")
+        assert fetcher.get("http://feeds.example/gbfs.json").body == b"{}"
+        fetcher.close()
+    assert seen == ["http://feeds.example/gbfs.json"]
 
 
 def test_check_says_why_the_database_is_unreachable(tmp_path: Path) -> None:
